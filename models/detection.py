@@ -95,13 +95,16 @@ def _bn_stats_frozen(module: nn.Module):
     """Keep BatchNorm running statistics unchanged (momentum 0) while the forward is recomputed."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None]
     momenta = [m.momentum for m in norms]
+    counts = [m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None for m in norms]
     for m in norms:
         m.momentum = 0.0
     try:
         yield
     finally:
-        for m, momentum in zip(norms, momenta):
+        for m, momentum, count in zip(norms, momenta, counts):
             m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 def _checkpoint_contexts(module: nn.Module):
@@ -161,7 +164,6 @@ class DetectionModel(_UltralyticsDetectionModel):
         arch = resolve_architecture(cfg)
         arch.pop("yaml_file", None)
         self.checkpoint_layers: set[int] = set()
-        self.skip_frozen_prefix = True
         super().__init__(arch, ch=ch, nc=int(nc), verbose=False)
         # ultralytics keeps its "layers whose outputs are reused" list in ``self.save``;
         # here ``save`` is the checkpoint writer, so the list moves to ``save_layers``.
@@ -203,22 +205,16 @@ class DetectionModel(_UltralyticsDetectionModel):
     def _predict_once(self, x, profile=False, embed=None):
         """Run the layers in order; ultralytics' loop plus two memory savers.
 
-        * Leading layers without trainable parameters run under ``torch.no_grad()``
-          (``skip_frozen_prefix``): nothing of theirs is kept for backward.
-        * Layers whose index is in ``checkpoint_layers`` run under non-reentrant
+        Layers whose index is in ``checkpoint_layers`` run under non-reentrant
           activation checkpointing while training; BatchNorm running statistics are
           not updated a second time when the forward is recomputed.
         """
         saved = self.__dict__.get("save_layers", self.__dict__.get("save", ()))
         outputs: list[Any] = []
-        frozen_prefix = self.frozen_prefix_length() if (self.skip_frozen_prefix and torch.is_grad_enabled()) else 0
         for m in self.model:
             if m.f != -1:
                 x = outputs[m.f] if isinstance(m.f, int) else [x if j == -1 else outputs[j] for j in m.f]
-            if m.i < frozen_prefix:
-                with torch.no_grad():
-                    x = m(x)
-            elif m.i in self.checkpoint_layers and self.training and torch.is_grad_enabled():
+            if m.i in self.checkpoint_layers and self.training and torch.is_grad_enabled():
                 x = checkpoint(m, x, use_reentrant=False, context_fn=partial(_checkpoint_contexts, m))
             else:
                 x = m(x)
@@ -226,7 +222,11 @@ class DetectionModel(_UltralyticsDetectionModel):
         return x
 
     def frozen_prefix_length(self) -> int:
-        """How many leading layers have no trainable parameter (they can run without autograd)."""
+        """How many leading layers have no trainable parameter.
+
+        Autograd keeps nothing for them (no input of theirs requires grad), so
+        activation memory starts at the first layer that trains.
+        """
         for i, layer in enumerate(self.model):
             if any(p.requires_grad for p in layer.parameters()):
                 return i
@@ -377,12 +377,17 @@ class DetectionModel(_UltralyticsDetectionModel):
             state = load_file(str(weights_path), device=str(map_location))
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"cannot read {weights_path}: {exc}") from exc
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+        if missing or unexpected or reshaped:
             raise CheckpointError(
-                f"{weights_path} does not match the architecture in config.json: "
-                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+                f"{weights_path} does not match the architecture in config.json: {len(missing)} missing keys "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+                f"{len(reshaped)} with other shapes (e.g. {reshaped[:3]})"
             )
+        model.load_state_dict(state, strict=True)
         return model.eval()
 
     @classmethod
