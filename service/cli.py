@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export to ONNX, serve over HTTP.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         try:
             module = importlib.import_module(f"service.commands.{name}")

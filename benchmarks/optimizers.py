@@ -1,0 +1,293 @@
+"""Benchmark the memory-efficient optimizers on full fine-tuning of YOLO11 (CPU).
+
+For each (model, image size) every method trains its own copy of the same
+initial weights on the same batches, one step each in turn (interleaved, the
+order rotating every step), so the shared machine's load hits all methods
+alike. Reported relative to AdamW: optimizer-state bytes (every tensor in
+``optimizer.state``), the whole training step (forward + backward + step),
+``optimizer.step()`` alone, and the loss after N steps. A longer YOLO11n run
+records the loss curves.
+
+Run (the command behind docs/benchmarks/optimizers.md):
+
+    python benchmarks/optimizers.py --out docs/benchmarks/optimizers.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from ultralytics.utils.loss import v8DetectionLoss  # noqa: E402
+
+from models import DetectionModel  # noqa: E402
+from models.io import atomic_write_text  # noqa: E402
+from training.memory import optimizer_state_bytes  # noqa: E402
+from training.optim import build_optimizer, list_optimizers  # noqa: E402
+
+NC = 6
+
+
+def method_settings(args) -> dict[str, dict]:
+    coap = {
+        "rank_ratio_cnn": args.rank_ratio,
+        "rank_ratio_matrix": args.rank_ratio,
+        "update_interval": args.update_interval,
+        "reproject_factor": args.reproject_factor,
+    }
+    return {
+        "adamw": {},
+        "coap": coap,
+        "coap8bit": coap,
+        "galore": {"rank_ratio_matrix": args.rank_ratio, "update_interval": args.update_interval * args.reproject_factor},
+        "adamw8bit": {},
+    }
+
+
+# ----------------------------------------------------------------------------- data
+def _synthetic_batches(imgsz: int, batch: int, n_batches: int, seed: int):
+    """Batches from the project's synthetic egocentric generator (training.data.synthetic)."""
+    from training.data import build_dataset, collate
+    from training.data.synthetic import generate_dataset
+
+    tmp = tempfile.mkdtemp(prefix="bench-optim-")
+    data_yaml = generate_dataset(tmp, domain="egocentric", n=batch * n_batches + 8, imgsz=imgsz, seed=seed, val_fraction=0.0)
+    ds = build_dataset(data_yaml, split="train", imgsz=imgsz, augment=False)
+    out = []
+    for b in range(n_batches):
+        items = collate([ds[(b * batch + i) % len(ds)] for i in range(batch)])
+        out.append((items["img"].float() / 255, {k: items[k] for k in ("batch_idx", "cls", "bboxes")}))
+    return out, f"training.data.synthetic.generate_dataset(domain='egocentric', seed={seed})"
+
+
+def _random_batches(imgsz: int, batch: int, n_batches: int, seed: int):
+    """Random images with 1-4 random boxes each, in ultralytics' batch format."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        imgs = torch.rand(batch, 3, imgsz, imgsz, generator=g)
+        counts = torch.randint(1, 5, (batch,), generator=g)
+        n = int(counts.sum())
+        wh = 0.1 + 0.3 * torch.rand(n, 2, generator=g)
+        xy = wh / 2 + (1 - wh) * torch.rand(n, 2, generator=g)
+        out.append(
+            (
+                imgs,
+                {
+                    "batch_idx": torch.repeat_interleave(torch.arange(batch), counts).float(),
+                    "cls": torch.randint(0, NC, (n, 1), generator=g).float(),
+                    "bboxes": torch.cat([xy, wh], 1),
+                },
+            )
+        )
+    return out, f"random images with 1-4 random boxes (seed={seed})"
+
+
+def make_batches(imgsz: int, batch: int, n_batches: int, seed: int, data: str):
+    if data in ("auto", "synthetic"):
+        try:
+            return _synthetic_batches(imgsz, batch, n_batches, seed)
+        except Exception as exc:  # the generator is optional here; say why it was not used
+            if data == "synthetic":
+                raise
+            batches, label = _random_batches(imgsz, batch, n_batches, seed)
+            return batches, f"{label} — synthetic generator unavailable ({type(exc).__name__}: {exc})"
+    return _random_batches(imgsz, batch, n_batches, seed)
+
+
+# ------------------------------------------------------------------------------ runs
+def run_interleaved(cfg: str, imgsz: int, steps: int, args, desc: str) -> dict:
+    batches, data_label = make_batches(imgsz, args.batch, args.n_batches, args.seed, args.data)
+    torch.manual_seed(args.seed)
+    base = DetectionModel(cfg, nc=NC, imgsz=imgsz)
+    settings = method_settings(args)
+    runs = {}
+    for name in args.methods:
+        model = copy.deepcopy(base)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = build_optimizer(name, params, lr=args.lr, weight_decay=args.weight_decay, **settings[name])
+        runs[name] = {"model": model, "crit": v8DetectionLoss(model), "opt": opt, "loss": [], "whole": [], "step": []}
+    order = list(args.methods)
+    for i in tqdm(range(steps), desc=desc, disable=args.quiet):
+        imgs, batch = batches[i % len(batches)]
+        for name in order[i % len(order):] + order[: i % len(order)]:
+            r = runs[name]
+            t0 = time.perf_counter()
+            r["opt"].zero_grad(set_to_none=True)
+            loss, _ = r["crit"](r["model"](imgs), batch)
+            loss = loss.sum()
+            loss.backward()
+            t1 = time.perf_counter()
+            r["opt"].step()
+            t2 = time.perf_counter()
+            r["loss"].append(loss.item())
+            r["whole"].append(t2 - t0)
+            r["step"].append(t2 - t1)
+    out = {"model": cfg, "imgsz": imgsz, "steps": steps, "batch": args.batch, "data": data_label, "methods": {}}
+    for name, r in runs.items():
+        window = r["loss"][-max(1, steps // 5):]
+        out["methods"][name] = {
+            "state_bytes": optimizer_state_bytes(r["opt"]),
+            "whole_median_s": statistics.median(r["whole"]),
+            "whole_mean_s": statistics.fmean(r["whole"]),
+            "step_median_s": statistics.median(r["step"]),
+            "step_mean_s": statistics.fmean(r["step"]),
+            "loss_first": r["loss"][0],
+            "loss_final": statistics.fmean(window),
+            "losses": r["loss"],
+            "settings": settings[name],
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+def _ratio(x: float, ref: float) -> str:
+    return f"{x / ref:.2f}×" if ref else "n/a"
+
+
+def grid_table(res: dict) -> str:
+    m = res["methods"]
+    ref = m["adamw"]
+    lines = [
+        f"**{res['model']} @ {res['imgsz']} px** — {res['steps']} steps, batch {res['batch']}",
+        "",
+        "| method | state bytes | state vs AdamW | whole step (median / mean) vs AdamW | optimizer.step() (median / mean) vs AdamW | loss after N (mean of last 20%) | vs AdamW |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in m.items():
+        lines.append(
+            f"| {name} | {r['state_bytes']:,} | {_ratio(r['state_bytes'], ref['state_bytes'])} "
+            f"| {_ratio(r['whole_median_s'], ref['whole_median_s'])} / {_ratio(r['whole_mean_s'], ref['whole_mean_s'])} "
+            f"| {_ratio(r['step_median_s'], ref['step_median_s'])} / {_ratio(r['step_mean_s'], ref['step_mean_s'])} "
+            f"| {r['loss_final']:.3f} | {_ratio(r['loss_final'], ref['loss_final'])} |"
+        )
+    lines.append(
+        f"\nAdamW absolute: whole step median {ref['whole_median_s'] * 1000:.0f} ms, "
+        f"optimizer.step() median {ref['step_median_s'] * 1000:.1f} ms (first loss {ref['loss_first']:.2f})."
+    )
+    return "\n".join(lines)
+
+
+def smooth(xs: list[float], w: int) -> list[float]:
+    return [statistics.fmean(xs[max(0, i - w + 1): i + 1]) for i in range(len(xs))]
+
+
+def curve_table(res: dict, every: int, window: int) -> tuple[str, dict]:
+    m = res["methods"]
+    curves = {n: smooth(r["losses"], window) for n, r in m.items()}
+    ref = curves["adamw"]
+    idx = list(range(every - 1, res["steps"], every))
+    lines = [
+        f"**Loss curve: {res['model']} @ {res['imgsz']} px, {res['steps']} steps, batch {res['batch']}** "
+        f"(loss smoothed over the last {window} steps)",
+        "",
+        "| step | " + " | ".join(m) + " |",
+        "| ---: | " + " | ".join("---:" for _ in m) + " |",
+    ]
+    for i in idx:
+        lines.append(f"| {i + 1} | " + " | ".join(f"{curves[n][i]:.3f}" for n in m) + " |")
+    start = res["steps"] // 5
+    deviation = {
+        n: max(abs(c[i] - ref[i]) / ref[i] for i in range(start, res["steps"])) for n, c in curves.items()
+    }
+    lines.append("")
+    lines.append(
+        f"Largest relative gap to AdamW's smoothed curve after step {start}: "
+        + ", ".join(f"{n} {100 * d:.1f}%" for n, d in deviation.items() if n != "adamw")
+    )
+    return "\n".join(lines), deviation
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), "
+        f"torch {torch.__version__} with {torch.get_num_threads()} thread(s), Python {platform.python_version()}"
+    )
+
+
+def parse_grid(text: str) -> list[tuple[str, int, int]]:
+    out = []
+    for item in text.split(","):
+        cfg, size, steps = item.split(":")
+        out.append((cfg, int(size), int(steps)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--grid", default="yolo11n:160:32,yolo11n:320:16,yolo11s:160:16,yolo11s:320:8",
+                    help="model:imgsz:steps,... (the timing grid)")  # fmt: skip
+    ap.add_argument("--curve", default="yolo11n:160:300", help="model:imgsz:steps for the loss curve ('' skips it)")
+    ap.add_argument("--methods", default=",".join(list_optimizers()))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--n-batches", type=int, default=8, help="distinct batches, cycled")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=1e-2)
+    ap.add_argument("--rank-ratio", type=float, default=8.0, help="COAP rank_ratio_cnn / rank_ratio_matrix, GaLore rank_ratio_matrix")
+    ap.add_argument("--update-interval", type=int, default=4, help="COAP T_u (small so that CPU runs cross many updates)")
+    ap.add_argument("--reproject-factor", type=int, default=2, help="COAP recomputes P every T_u × this; GaLore's SVD interval")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", choices=("auto", "synthetic", "random"), default="auto")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None, help="write the markdown report here")
+    ap.add_argument("--json", type=Path, default=None, help="write raw results (with every loss) here")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",")]
+    if args.methods[0] != "adamw":
+        args.methods = ["adamw"] + [m for m in args.methods if m != "adamw"]
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    grid = [run_interleaved(c, s, n, args, f"{c}@{s}") for c, s, n in parse_grid(args.grid)] if args.grid else []
+    curve = None
+    if args.curve:
+        c, s, n = parse_grid(args.curve)[0]
+        curve = run_interleaved(c, s, n, args, f"curve {c}@{s}")
+    elapsed = time.time() - started
+
+    command = "python benchmarks/optimizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    parts = [
+        "# Optimizer benchmark: full fine-tuning of YOLO11 on CPU",
+        "",
+        f"Command: `{command.strip()}`  ",
+        f"Machine: {machine()}  ",
+        f"Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, total run time {elapsed / 60:.1f} min  ",
+        f"Data: {(grid or [curve])[0]['data']}  ",
+        f"Settings: lr {args.lr}, weight decay {args.weight_decay}, batch {args.batch}, seed {args.seed}; "
+        f"methods interleaved in one process, order rotating each step; "
+        f"COAP/COAP-8bit {json.dumps(method_settings(args)['coap'])}; GaLore {json.dumps(method_settings(args)['galore'])}.",
+        "",
+    ]
+    for res in grid:
+        parts += [grid_table(res), ""]
+    if curve is not None:
+        text, _ = curve_table(curve, every=max(1, curve["steps"] // 10), window=20)
+        parts += [text, ""]
+        parts += [grid_table(curve), ""]
+    report = "\n".join(parts)
+    print(report)
+    if args.out:
+        atomic_write_text(args.out, report + "\n")
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"grid": grid, "curve": curve}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The HTTP API: dependencies (auth, limits), routes and schemas per resource."""

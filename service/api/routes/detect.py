@@ -1,0 +1,135 @@
+"""``POST /v1/detect``: boxes for one image, from ``export.runtime.Detector``."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import ValidationError
+
+from models.errors import DataError, GlassesVisionError
+from service.api.deps import get_metrics, get_pool, get_settings, inference_auth, inference_slot
+from service.api.schemas.common import error_responses
+from service.api.schemas.detect import DetectionOut, DetectJSON, DetectOut, ImageSize
+from service.core.config import Settings
+from service.core.errors import NotReadyError, PayloadTooLargeError, UnsupportedMediaError
+from service.core.images import decode_image
+from service.core.inference import DetectorPool, ModelLoadError
+from service.core.metrics import Metrics
+
+log = logging.getLogger("glasses_vision.service")
+router = APIRouter(prefix="/v1", tags=["detect"])
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary", "description": "the image file"}},
+                }
+            },
+            "application/json": {
+                "schema": DetectJSON.model_json_schema(),
+                "example": {"image_base64": "<base64 of a JPEG or PNG file>"},
+            },
+        },
+    }
+}
+
+
+async def _read_image_bytes(request: Request, settings: Settings) -> bytes:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=4)
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise DataError("a multipart detect request needs a file field named 'image'")
+        data = await upload.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise PayloadTooLargeError(
+                f"the image is larger than the limit of {settings.max_upload_bytes} bytes; send a smaller frame"
+            )
+        return data
+    if ctype == "application/json":
+        try:
+            body = DetectJSON.model_validate_json(await request.body())
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise DataError(f"invalid JSON body ({first['msg']}); send {{\"image_base64\": \"...\"}}") from None
+        text = body.image_base64
+        if text.startswith("data:") and "," in text:
+            text = text.split(",", 1)[1]
+        if len(text) * 3 // 4 > settings.max_upload_bytes + 3:
+            raise PayloadTooLargeError(
+                f"the image is larger than the limit of {settings.max_upload_bytes} bytes; send a smaller frame"
+            )
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise DataError("image_base64 is not valid base64; encode the image file's bytes with standard base64") from None
+    raise UnsupportedMediaError(
+        f"unsupported Content-Type {ctype or '(none)'!r}; send multipart/form-data with a file field 'image' "
+        "or application/json with 'image_base64'"
+    )
+
+
+@router.post(
+    "/detect",
+    response_model=DetectOut,
+    summary="Detect objects in one image",
+    dependencies=[Depends(inference_auth)],
+    responses=error_responses(401, 404, 409, 413, 415, 422, 429, 503),
+    openapi_extra=_BODY_DOC,
+)
+async def detect(
+    request: Request,
+    model: str | None = Query(None, description="model id (GET /v1/models); default: the server's default model"),
+    conf: float = Query(0.25, ge=0.0, le=1.0, description="minimum score"),
+    iou: float = Query(0.45, ge=0.0, le=1.0, description="NMS IoU threshold"),
+    max_det: int = Query(300, gt=0, le=10_000, description="at most this many boxes"),
+    _slot: None = Depends(inference_slot),
+    settings: Settings = Depends(get_settings),
+    pool: DetectorPool = Depends(get_pool),
+    metrics: Metrics = Depends(get_metrics),
+) -> DetectOut:
+    """Upload an image (multipart field ``image``) or send it base64 in JSON; boxes come back in the image's pixels."""
+    data = await _read_image_bytes(request, settings)
+    image = await anyio.to_thread.run_sync(decode_image, data, settings.max_upload_bytes, settings.max_image_pixels)
+    model_id = model or settings.default_model
+    if model_id == settings.default_model and not request.app.state.ready and not pool.is_loaded(model_id):
+        raise NotReadyError(
+            f"the default model {model_id!r} is still being prepared; retry when GET /readyz answers 200"
+        )
+    loaded = await pool.get(model_id)
+    start = time.perf_counter()
+    try:
+        found = await anyio.to_thread.run_sync(
+            lambda: loaded.detector.detect(image, conf=conf, iou=iou, max_det=max_det)
+        )
+    except GlassesVisionError:
+        raise
+    except Exception as exc:  # onnxruntime failing on this model: say which model, keep serving
+        log.exception("inference with %s failed", model_id)
+        raise ModelLoadError(f"model {model_id!r} failed on this image ({type(exc).__name__}: {exc}); "
+                             "check the model with GET /v1/models/{id} or re-export it") from None
+    seconds = time.perf_counter() - start
+    metrics.observe_inference(model_id, seconds)
+    return DetectOut(
+        model=model_id,
+        image=ImageSize(width=int(image.shape[1]), height=int(image.shape[0])),
+        detections=[
+            DetectionOut(
+                x1=float(d.box[0]), y1=float(d.box[1]), x2=float(d.box[2]), y2=float(d.box[3]),
+                score=float(d.score), class_id=int(d.class_id), class_name=str(d.class_name),
+            )
+            for d in found
+        ],
+        inference_ms=round(seconds * 1000.0, 3),
+    )

@@ -1,0 +1,85 @@
+"""``glasses-vision train``: fine-tune a detector on a dataset (see docs/TRAINING.md).
+
+    glasses-vision train --data data.yaml --base glasses-base-yolo11n --peft lora --rank 8 \\
+        --optimizer coap --grad-checkpoint --accumulate 4 --amp bf16 --epochs 10 --imgsz 320 --batch 16 --out runs/kitchen
+    glasses-vision train --config kitchen.yaml          # a TrainConfig file; flags given override it
+    glasses-vision train --resume runs/kitchen          # continue from runs/kitchen/checkpoints/last
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--config", help="a TrainConfig YAML / JSON file; the flags below override its values")
+    add("--data", help="YOLO data.yaml or COCO json")
+    add("--base", help="base model: glasses-base-yolo11n (default), a model directory, or yolo11n..yolov8x (from scratch)")
+    add("--new-classes", action="store_true", default=None, help="the dataset's classes differ from the base's: train a new class predictor")
+    add("--peft", help="none (full fine-tuning, default) or a PEFT method (lora, dora, bitfit, qlora, adapters)")
+    add("--rank", type=int, help="adapter rank (default 8)")
+    add("--alpha", type=float, help="LoRA alpha")
+    add("--optimizer", help="adamw (default), coap, coap8bit, galore, adamw8bit")
+    add("--in-backward", action="store_true", default=None, help="step each parameter inside backward (no accumulation, no clipping)")
+    add("--lr", type=float, help="peak learning rate (default 1e-3)")
+    add("--weight-decay", type=float, help="decoupled weight decay (default 5e-4)")
+    add("--epochs", type=int, help="passes over the training set (default 10)")
+    add("--max-steps", type=int, help="stop after this many optimizer steps")
+    add("--batch", type=int, help="images per micro-batch per process (default 16)")
+    add("--accumulate", type=int, help="micro-batches per optimizer step (default 1)")
+    add("--imgsz", type=int, help="input size, a multiple of 32 (default 320)")
+    add("--grad-checkpoint", nargs="?", const="backbone,neck", default=None, metavar="PARTS",
+        help="activation checkpointing for these parts (default when given: backbone,neck)")
+    add("--amp", choices=["none", "bf16"], help="autocast precision (default none)")
+    add("--grad-clip", type=float, help="global gradient-norm clip (default 10; 0 = off)")
+    add("--ema", action="store_true", default=None, help="keep an EMA of the weights and ship it")
+    add("--no-augment", dest="augment", action="store_false", default=None, help="turn train-time augmentation off")
+    add("--eval-every", type=int, help="evaluate every N epochs (default 1; 0 = only at the end)")
+    add("--save-every", type=int, help="checkpoint every N steps (default 50)")
+    add("--memory-limit-mb", type=float, help="refuse a micro-batch whose exact bytes exceed this")
+    add("--workers", type=int, help="DataLoader workers (default 0)")
+    add("--seed", type=int, help="seed (default 0)")
+    add("--device", choices=["auto", "cpu", "cuda"], help="device (default auto)")
+    add("--out", help="run directory (default runs/train)")
+    add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    add("--set", action="append", default=[], metavar="KEY=VALUE", help="set any TrainConfig field (YAML value)")
+    add("--quiet", action="store_true", default=None, help="no progress bars")
+    parser.set_defaults(func=run)
+    return parser
+
+
+FIELDS = ("data", "base", "new_classes", "peft", "rank", "alpha", "optimizer", "in_backward", "lr", "weight_decay",
+          "epochs", "max_steps", "batch", "accumulate", "imgsz", "grad_checkpoint", "amp", "grad_clip", "ema", "augment",
+          "eval_every", "save_every", "memory_limit_mb", "workers", "seed", "device", "out", "resume", "quiet")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig the flags (and ``--config``) describe."""
+    from training.config import TrainConfig
+    from training.train import parse_overrides
+
+    values = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    values.update({k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None})
+    values.update(parse_overrides(args.set))
+    return TrainConfig.from_dict(values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.errors import ConfigError
+    from training.recipe import train
+
+    config = config_from_args(args)
+    if not config.data and not config.resume:
+        raise ConfigError("give --data DATA_YAML (or --config FILE, or --resume RUN_DIR)")
+    result = train(config)
+    m = result.metrics
+    if result.status == "completed":
+        print(f"done in {result.wall_time_s:.0f} s: {result.steps} steps, val mAP50 {m.get('map50', 0):.4f}, "
+              f"mAP50-95 {m.get('map50_95', 0):.4f}, trainable {result.trainable.get('percent', 0):.2f}%")
+    else:
+        print(f"stopped at step {result.steps}/{result.total_steps}; resume with: glasses-vision train --resume {result.run_dir}")
+    print(f"outputs: {result.run_dir}")
+    return 0

@@ -1,0 +1,1 @@
+"""Service core: settings, security, errors, metrics, image decoding and loaded inference sessions."""

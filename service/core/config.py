@@ -1,0 +1,105 @@
+"""The service's one ``Settings`` object.
+
+Every field can be set by an environment variable ``GLASSES_VISION_<FIELD>``
+(``GLASSES_VISION_HOME``, ``GLASSES_VISION_MAX_UPLOAD_BYTES``, ...); list fields
+take comma-separated values (``GLASSES_VISION_API_KEYS=key1,key2``). Paths that
+are left unset live under ``home``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from models.errors import ConfigError
+
+ENV_PREFIX = "GLASSES_VISION_"
+DEFAULT_MODEL_ID = "glasses-base-yolo11n"
+
+
+def default_home() -> Path:
+    """``$GLASSES_VISION_HOME`` or ``~/.glasses-vision``."""
+    return Path(os.environ.get(f"{ENV_PREFIX}HOME") or Path.home() / ".glasses-vision")
+
+
+class Settings(BaseModel):
+    """Configuration of the HTTP service, its model registry and its job workers."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    home: Path = Field(default_factory=default_home, description="where models, jobs, logs and the job database live")
+    host: str = Field("127.0.0.1", description="address uvicorn binds to")
+    port: int = Field(8000, ge=0, le=65535)
+
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="keys accepted in the X-API-Key header; empty: one is generated into <home>/api_key on first start",
+    )
+    inference_requires_key: bool = Field(False, description="also require X-API-Key on POST /v1/detect")
+
+    data_root: Path | None = Field(None, description="dataset paths of jobs must lie under it (default <home>/data)")
+    default_model: str = Field(DEFAULT_MODEL_ID, description="model id used when a request names none")
+    default_model_source: Path | None = Field(
+        None, description="model dir exported to ONNX as the default model on first start (default: the shipped base)"
+    )
+    load_default_model: bool = Field(True, description="export (if needed) and load the default model at startup")
+
+    max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0, description="largest image upload (bytes) -> 413 beyond")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="largest decoded image (width*height) -> 413 beyond")
+    max_dataset_zip_bytes: int = Field(200 * 1024 * 1024, gt=0, description="largest uploaded dataset zip")
+    max_dataset_unzipped_bytes: int = Field(1024 * 1024 * 1024, gt=0, description="largest total size inside a zip")
+    max_dataset_zip_entries: int = Field(100_000, gt=0)
+
+    max_concurrent_inference: int = Field(8, gt=0, description="detect requests in flight at once -> 429 beyond")
+    inference_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads per session (0: its default)")
+    max_loaded_models: int = Field(4, gt=0, description="ONNX sessions kept loaded (least recently used dropped)")
+
+    job_workers: int = Field(1, ge=0, description="worker processes running jobs (each one job at a time; 0: none)")
+    worker_poll_seconds: float = Field(0.5, gt=0)
+    worker_torch_threads: int = Field(1, ge=1, description="torch threads a worker trains with")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @property
+    def resolved_data_root(self) -> Path:
+        return (self.data_root or self.home / "data").expanduser().resolve()
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "jobs.sqlite3"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.home / "api_key"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Settings from ``GLASSES_VISION_*`` variables; keyword ``overrides`` win (``None`` values are ignored)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"invalid service settings ({problems}); fix the {ENV_PREFIX}* variables or flags") from None

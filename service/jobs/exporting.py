@@ -1,0 +1,97 @@
+"""Export a model directory (or a run) to a verified ONNX file, for the registry.
+
+Used by the job runner after training, and as a child process by the API on
+first start (``python -m service.jobs.exporting --source DIR --out FILE``) so
+that the API process never has to import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def read_model_config(source: str | Path) -> dict[str, Any]:
+    """``config.json`` of a model dir, or of a run dir's ``merged/``."""
+    source = Path(source)
+    for candidate in (source / "config.json", source / "merged" / "config.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def export_for_registry(
+    source: str | Path,
+    out: str | Path,
+    imgsz: int | None = None,
+    opset: int | None = None,
+    half: bool = False,
+    verify: bool = True,
+    int8_calibration: list[Any] | None = None,
+) -> dict[str, Any]:
+    """Export ``source`` to ``out`` (verified against PyTorch); returns what the registry records."""
+    from export import export_onnx
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = export_onnx(source, out, imgsz=imgsz, opset=opset, half=half, verify=verify)
+    info: dict[str, Any] = {"export": {"imgsz": imgsz, "opset": opset, "half": half, "verify": verify, "int8": False}}
+    info["verification"] = _verification_dict(result)
+    if int8_calibration:
+        from export import quantize_onnx
+
+        q_out = out.with_name(out.stem + ".int8.onnx")
+        quantize_onnx(out, q_out, int8_calibration, mode="int8-static")
+        q_out.replace(out)
+        info["export"]["int8"] = True
+    config = read_model_config(source)
+    info["classes"] = config.get("names")
+    info["imgsz"] = imgsz or config.get("imgsz")
+    return info
+
+
+def _verification_dict(result: Any) -> dict[str, Any] | None:
+    """Whatever ``export_onnx`` reports about verification, as plain JSON."""
+    if result is None:
+        return None
+    for attr in ("verification", "verify_report", "report"):
+        value = getattr(result, attr, None)
+        if value is not None:
+            result = value
+            break
+    if hasattr(result, "to_dict"):
+        result = result.to_dict()
+    elif hasattr(result, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        result = asdict(result)
+    if isinstance(result, dict):
+        return json.loads(json.dumps(result, default=str))
+    return {"result": str(result)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.jobs.exporting", description=__doc__.splitlines()[0])
+    parser.add_argument("--source", required=True, help="model dir or run dir")
+    parser.add_argument("--out", required=True, help="the .onnx file to write")
+    parser.add_argument("--imgsz", type=int, default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    from models.errors import GlassesVisionError
+
+    try:
+        info = export_for_registry(args.source, args.out, imgsz=args.imgsz)
+    except GlassesVisionError as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+        return 2
+    print(json.dumps(info, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

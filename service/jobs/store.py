@@ -1,0 +1,267 @@
+"""The job store: one SQLite database (WAL mode) under the service home.
+
+The API process and the worker processes share it. Every call opens its own
+short-lived connection, so the store is safe to use from any thread or process;
+claiming the next queued job is one ``BEGIN IMMEDIATE`` transaction, so two
+workers never take the same job.
+
+States: ``queued`` → ``running`` → ``succeeded`` | ``failed`` | ``cancelled`` |
+``interrupted`` (the process running it went away; ``resume`` queues it again
+and the recipe continues from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from models.errors import NotFoundError
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    progress REAL NOT NULL DEFAULT 0,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    memory TEXT,
+    error TEXT,
+    model_id TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    resume INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker_pid INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
+"""
+
+
+@dataclass
+class Job:
+    """One row of the store."""
+
+    id: str
+    state: str
+    spec: dict[str, Any]
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    total_steps: int | None = None
+    progress: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] | None = None
+    error: str | None = None
+    model_id: str | None = None
+    cancel_requested: bool = False
+    resume: bool = False
+    attempts: int = 0
+    worker_pid: int | None = None
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row) -> "Job":
+        data = dict(row)
+        data["spec"] = json.loads(data["spec"])
+        data["metrics"] = json.loads(data["metrics"] or "{}")
+        data["memory"] = json.loads(data["memory"]) if data["memory"] else None
+        data["cancel_requested"] = bool(data["cancel_requested"])
+        data["resume"] = bool(data["resume"])
+        return cls(**data)
+
+
+class JobStore:
+    """Persistent job queue and status table."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    # ---- reading -------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job:
+        with self._connect() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no job {job_id!r}; GET /v1/jobs lists the jobs")
+        return Job._from_row(row)
+
+    def list(self, state: str | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
+        query, args = "SELECT * FROM jobs", []
+        if state:
+            query += " WHERE state = ?"
+            args.append(state)
+        query += " ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+        with self._connect() as conn:
+            rows = conn.execute(query, (*args, limit, offset)).fetchall()
+        return [Job._from_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in every state (zero included)."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        out = dict.fromkeys(STATES, 0)
+        out.update({state: n for state, n in rows})
+        return out
+
+    # ---- writing -------------------------------------------------------------------------------
+    def create(self, spec: dict[str, Any], job_id: str | None = None) -> Job:
+        """Queue a new job."""
+        job_id = job_id or new_job_id()
+        now = time.time()
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO jobs (id, state, spec, created_at, updated_at) VALUES (?, 'queued', ?, ?, ?)",
+                (job_id, json.dumps(spec), now, now),
+            )
+        return self.get(job_id)
+
+    def claim_next(self, worker_pid: int) -> Job | None:
+        """Atomically move the oldest queued job to ``running`` for this worker."""
+        now = time.time()
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE jobs SET state = 'running', worker_pid = ?, started_at = ?, updated_at = ?,"
+                " attempts = attempts + 1, error = NULL WHERE id = ?",
+                (worker_pid, now, now, row["id"]),
+            )
+        return self.get(row["id"])
+
+    def update_progress(
+        self,
+        job_id: str,
+        step: int | None = None,
+        total_steps: int | None = None,
+        metrics: dict[str, Any] | None = None,
+        memory: dict[str, Any] | None = None,
+    ) -> None:
+        """Record training progress; ``metrics`` are merged into the latest ones."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT step, total_steps, metrics FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return
+            step = row["step"] if step is None else int(step)
+            total = row["total_steps"] if total_steps is None else int(total_steps)
+            merged = json.loads(row["metrics"] or "{}")
+            merged.update(metrics or {})
+            progress = min(1.0, step / total) if total else 0.0
+            sets = "step = ?, total_steps = ?, progress = ?, metrics = ?, updated_at = ?"
+            args: list[Any] = [step, total, progress, json.dumps(merged, default=float), time.time()]
+            if memory is not None:
+                sets += ", memory = ?"
+                args.append(json.dumps(memory, default=str))
+            conn.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*args, job_id))
+
+    def finish(self, job_id: str, state: str, error: str | None = None, model_id: str | None = None) -> None:
+        """Move a job to a final (or interrupted) state."""
+        if state not in STATES or state in ("queued", "running"):
+            raise ValueError(f"finish() takes a final state, not {state!r}")
+        now = time.time()
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET state = ?, error = ?, model_id = COALESCE(?, model_id), finished_at = ?,"
+                " updated_at = ?, worker_pid = NULL, progress = CASE WHEN ? = 'succeeded' THEN 1.0 ELSE progress END"
+                " WHERE id = ?",
+                (state, error, model_id, now, now, state, job_id),
+            )
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Cancel a queued or interrupted job at once; ask a running one to stop."""
+        now = time.time()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no job {job_id!r}; GET /v1/jobs lists the jobs")
+            if row["state"] in ("queued", "interrupted"):
+                conn.execute(
+                    "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = ?, updated_at = ?"
+                    " WHERE id = ?",
+                    (now, now, job_id),
+                )
+            elif row["state"] == "running":
+                conn.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, job_id))
+        return self.get(job_id)
+
+    def requeue_for_resume(self, job_id: str) -> Job:
+        """Queue an interrupted (or failed) job again, continuing from its last checkpoint.
+
+        Jobs in any other state are returned unchanged (check ``state``).
+        """
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET state = 'queued', resume = 1, cancel_requested = 0, error = NULL,"
+                " finished_at = NULL, updated_at = ? WHERE id = ? AND state IN ('interrupted', 'failed')",
+                (time.time(), job_id),
+            )
+        return self.get(job_id)
+
+    def mark_interrupted(self, worker_pid: int | None = None, reason: str = "the service stopped") -> list[str]:
+        """Mark running jobs (all, or those of one worker) as interrupted; returns their ids."""
+        query, args = "SELECT id FROM jobs WHERE state = 'running'", []
+        if worker_pid is not None:
+            query += " AND worker_pid = ?"
+            args.append(worker_pid)
+        now = time.time()
+        with self._transaction() as conn:
+            ids = [r["id"] for r in conn.execute(query, args).fetchall()]
+            for job_id in ids:
+                conn.execute(
+                    "UPDATE jobs SET state = 'interrupted', worker_pid = NULL, updated_at = ?,"
+                    " error = ? WHERE id = ?",
+                    (now, f"interrupted: {reason}; POST /v1/jobs/{job_id}/resume continues from the last checkpoint",
+                     job_id),
+                )
+        return ids
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._connect() as conn:
+            row = conn.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row["cancel_requested"])
+
+
+def new_job_id() -> str:
+    return "job-" + uuid.uuid4().hex[:12]

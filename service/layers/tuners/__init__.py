@@ -1,0 +1,1 @@
+"""PEFT methods for convolutional detectors, one file per method (Hugging Face PEFT style)."""

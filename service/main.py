@@ -1,0 +1,106 @@
+"""The FastAPI application: ``create_app(settings)`` and the module-level ``app``.
+
+Nothing touches the disk until the app starts (lifespan): then the home folder,
+the job store and the model registry are opened, running jobs left over from a
+previous process are marked interrupted, the job workers are started, and the
+default model is exported (first start only, in a child process) and loaded in
+the background. ``/healthz`` answers at once; ``/readyz`` once the default model
+is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import anyio
+from fastapi import FastAPI
+
+from service.api.routes import detect, health, jobs, models
+from service.core.config import Settings
+from service.core.errors import install_error_handlers
+from service.core.inference import DetectorPool, InFlightLimiter, Loader, runtime_loader
+from service.core.limits import BodySizeLimitMiddleware
+from service.core.metrics import Metrics, MetricsMiddleware
+from service.core.security import load_api_keys
+from service.jobs.bootstrap import ensure_default_model
+from service.jobs.store import JobStore
+from service.jobs.supervisor import WorkerSupervisor
+from service.registry import ModelRegistry
+
+log = logging.getLogger("glasses_vision.service")
+API_VERSION = "0.1.0"
+
+
+async def _prepare_default_model(app: FastAPI) -> None:
+    settings: Settings = app.state.settings
+    try:
+        await anyio.to_thread.run_sync(ensure_default_model, settings, app.state.registry)
+        await app.state.pool.get(settings.default_model)
+        app.state.ready = True
+        log.info("default model %s loaded; ready", settings.default_model)
+    except Exception as exc:  # reported by /readyz; the service keeps serving other models
+        app.state.startup_error = f"{type(exc).__name__}: {exc}"
+        log.error("default model %s not ready: %s", settings.default_model, app.state.startup_error)
+
+
+async def _watch_workers(supervisor: WorkerSupervisor, interval: float = 1.0) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await anyio.to_thread.run_sync(supervisor.check)
+
+
+def create_app(settings: Settings | None = None, detector_loader: Loader | None = None) -> FastAPI:
+    """Build the app. ``detector_loader`` (path -> detector) defaults to ``export.runtime.Detector``."""
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        settings.resolved_data_root.mkdir(parents=True, exist_ok=True)
+        store = JobStore(settings.db_path)
+        interrupted = store.mark_interrupted(reason="the service restarted while it was running")
+        if interrupted:
+            log.warning("marked %d job(s) interrupted: %s", len(interrupted), ", ".join(interrupted))
+        registry = ModelRegistry(settings.models_dir)
+        app.state.store, app.state.registry = store, registry
+        app.state.api_keys = load_api_keys(settings)
+        app.state.pool = DetectorPool(
+            registry, detector_loader or runtime_loader(settings.inference_threads), settings.max_loaded_models
+        )
+        app.state.limiter = InFlightLimiter(settings.max_concurrent_inference)
+        supervisor = WorkerSupervisor(settings, store)
+        supervisor.start()
+        app.state.supervisor = supervisor
+        tasks = [asyncio.create_task(_watch_workers(supervisor))]
+        if settings.load_default_model:
+            tasks.append(asyncio.create_task(_prepare_default_model(app)))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await anyio.to_thread.run_sync(supervisor.stop)
+
+    app = FastAPI(
+        title="Glasses Vision",
+        version=API_VERSION,
+        summary="Object detection for smart-glasses footage: inference, a model registry and fine-tuning jobs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.ready = False
+    app.state.startup_error = None
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, settings=settings)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    for router in (detect.router, models.router, jobs.router, health.router):
+        app.include_router(router)
+    return app
+
+
+app = create_app()

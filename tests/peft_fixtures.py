@@ -1,0 +1,68 @@
+"""Small helpers shared by the PEFT tests: tiny models, a few training steps, output comparison."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from models import DetectionModel
+
+IMGSZ = 128
+
+
+def make_model(cfg: str = "yolo11n", nc: int = 3, seed: int = 0) -> DetectionModel:
+    torch.manual_seed(seed)
+    return DetectionModel(cfg, nc=nc, imgsz=IMGSZ)
+
+
+def images(n: int = 2, size: int = IMGSZ, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def loss_fn(out) -> torch.Tensor:
+    """Any differentiable function of every head output will do for PEFT mechanics."""
+    return out["scores"].float().sigmoid().mean() + 1e-2 * out["boxes"].float().pow(2).mean()
+
+
+def train_steps(model: nn.Module, steps: int = 3, size: int = 64, lr: float = 0.05) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr)
+    model.train()
+    for i in range(steps):
+        opt.zero_grad()
+        loss_fn(model(images(2, size, seed=10 + i))).backward()
+        opt.step()
+    model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
+    model.eval()
+    return model(images() if x is None else x)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+class TinyNet(nn.Module):
+    """Conv (strided, dilated, with bias) + grouped conv + Linear: every layer kind LoRA meets."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=2, dilation=2, bias=True)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.bn(self.dw(self.conv(x))).relu()
+        return self.fc(x.mean(dim=(2, 3)))

@@ -1,0 +1,150 @@
+"""Training-state checkpoints: crash-safe, loadable with ``weights_only=True``, exact to resume.
+
+A checkpoint is a directory ``checkpoints/step-00000123/`` holding
+
+* ``model.safetensors`` — the full model state (base weights, adapters, BatchNorm statistics),
+* ``train_state.pt`` — optimizer (COAP projections included), scheduler, EMA weights, RNG states
+  (python, numpy, torch, CUDA); only tensors and plain values, so ``torch.load(weights_only=True)`` reads it,
+* ``state.json`` — step, epoch, position inside the epoch, best metric (human readable).
+
+``checkpoints/last`` is a symlink replaced atomically (``os.replace``) once the new
+directory is complete and fsynced, and older directories are deleted only after
+that; a run killed at any moment (SIGKILL included) leaves ``last`` pointing at a
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.errors import CheckpointError
+from models.io import atomic_write_bytes, atomic_write_json
+
+LAST = "last"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the loop draws from, as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": list(_to_plain(random.getstate())),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    checkpoint_root: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    info: dict[str, Any],
+    keep: int = 1,
+) -> Path:
+    """Write a complete checkpoint for ``step`` and point ``last`` at it; keep the newest ``keep`` directories."""
+    from safetensors.torch import save as st_save
+
+    root = Path(checkpoint_root)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{step:08d}"
+    if target.exists():  # a crashed earlier attempt at the same step, or a re-save at the end
+        if _resolve_last(root) == target.resolve():
+            return target
+        shutil.rmtree(target)
+    staging = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
+    atomic_write_bytes(staging / "model.safetensors", st_save(tensors))
+    buf = io.BytesIO()
+    torch.save(train_state, buf)
+    atomic_write_bytes(staging / "train_state.pt", buf.getvalue())
+    atomic_write_json(staging / "state.json", {**info, "step": step})
+    _fsync_dir(staging)
+    os.replace(staging, target)
+    link_tmp = root / f".{LAST}.{os.getpid()}.tmp"
+    link_tmp.unlink(missing_ok=True)
+    os.symlink(target.name, link_tmp)
+    os.replace(link_tmp, root / LAST)
+    _fsync_dir(root)
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        if old.resolve() != target.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return target
+
+
+def _resolve_last(root: Path) -> Path | None:
+    last = root / LAST
+    return last.resolve() if last.exists() else None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Resolve a run directory, a ``checkpoints`` directory or a checkpoint directory to a checkpoint directory."""
+    path = Path(path)
+    for candidate in (path / "checkpoints" / LAST, path / LAST, path):
+        if (candidate / "train_state.pt").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate.resolve()
+    raise CheckpointError(
+        f"no training checkpoint under {path}: expected {path}/checkpoints/last/ with model.safetensors and train_state.pt"
+    )
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict, dict]:
+    """``(model_state, train_state, info)`` of a checkpoint; ``train_state`` is read with ``weights_only=True``."""
+    from safetensors.torch import load_file
+
+    ckpt = find_checkpoint(path)
+    try:
+        model_state = load_file(str(ckpt / "model.safetensors"), device=str(map_location))
+        train_state = torch.load(ckpt / "train_state.pt", map_location=map_location, weights_only=True)
+        info = json.loads((ckpt / "state.json").read_text())
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {ckpt} cannot be read: {exc}") from exc
+    return model_state, train_state, info

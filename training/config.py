@@ -1,0 +1,264 @@
+"""``TrainConfig``: every setting of a fine-tuning run, with its default, loadable from YAML or JSON.
+
+A config file's header shows the command that runs it (torchtune style)::
+
+    # glasses-vision train --config kitchen.yaml
+    # torchrun --nproc_per_node 2 -m training.train --config kitchen.yaml
+    data: data/kitchen/data.yaml
+    base: glasses-base-yolo11n
+    peft: lora
+    rank: 8
+    optimizer: coap
+
+``validate()`` fails fast (``ConfigError``) on settings that cannot work, before any
+data is read or any step is taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from models.errors import ConfigError
+
+AMP_MODES = ("none", "bf16")
+PARTS = ("backbone", "neck", "head")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning run. Unknown keys in a file are refused with the list of known ones."""
+
+    # --- data ---------------------------------------------------------------
+    #: dataset: a YOLO ``data.yaml`` or a COCO json (see ``training.data.build_dataset``).
+    data: str = ""
+    #: square input size in pixels (a multiple of the model stride, 32).
+    imgsz: int = 320
+    #: train-time augmentation (``training.data``'s augment switch).
+    augment: bool = True
+    #: DataLoader worker processes (0 = load in the training process; the exact-resume guarantee assumes 0).
+    workers: int = 0
+
+    # --- model --------------------------------------------------------------
+    #: base detector: ``glasses-base-yolo11n`` (shipped), a saved model directory, or an
+    #: architecture name (``yolo11n`` ... ``yolov8x``, trained from scratch).
+    base: str = "glasses-base-yolo11n"
+    #: when the dataset's classes differ from the base's: False refuses to start, True replaces the class
+    #: predictor of the head (``DetectionModel.reset_classes``) and makes it trainable.
+    new_classes: bool = False
+
+    # --- PEFT ---------------------------------------------------------------
+    #: ``none`` = full fine-tuning, else a name from ``service.layers.peft.list_peft_methods()`` (lora, dora, ...).
+    peft: str = "none"
+    #: adapter rank (LoRA / DoRA / QLoRA).
+    rank: int = 8
+    #: LoRA alpha; None = the PEFT method's default.
+    alpha: float | None = None
+    #: more keyword settings for ``apply_peft`` (e.g. ``{"parts": ["backbone", "neck"], "rslora": true}``).
+    peft_settings: dict[str, Any] = field(default_factory=dict)
+
+    # --- optimisation -------------------------------------------------------
+    #: optimizer name from ``training.optim.list_optimizers()`` (adamw, coap, coap8bit, galore, adamw8bit).
+    optimizer: str = "adamw"
+    #: peak learning rate (reached after warmup, then cosine decay).
+    lr: float = 1e-3
+    #: decoupled weight decay.
+    weight_decay: float = 5e-4
+    #: more keyword settings for the optimizer (e.g. ``{"rank_ratio_cnn": 4, "update_interval": 32}``).
+    optimizer_settings: dict[str, Any] = field(default_factory=dict)
+    #: step each parameter inside backward and free its gradient (needs accumulate=1 and no clipping).
+    in_backward: bool = False
+    #: passes over the training set.
+    epochs: int = 10
+    #: stop after this many optimizer steps (None = ``epochs`` full passes).
+    max_steps: int | None = None
+    #: images per micro-batch per process.
+    batch: int = 16
+    #: micro-batches accumulated per optimizer step (global batch = batch x accumulate x processes).
+    accumulate: int = 1
+    #: share of all optimizer steps spent in linear warmup (0 = none).
+    warmup_fraction: float = 0.05
+    #: the cosine decays the LR to ``lr * min_lr_ratio``.
+    min_lr_ratio: float = 0.01
+    #: clip the global gradient norm to this value (None or 0 = no clipping).
+    grad_clip: float | None = 10.0
+    #: keep an exponential moving average of the weights and evaluate / ship it.
+    ema: bool = False
+    #: EMA maximum decay; it ramps up as ``decay * (1 - exp(-updates / ema_tau))``.
+    ema_decay: float = 0.9999
+    #: EMA ramp time constant in optimizer steps.
+    ema_tau: float = 200.0
+
+    # --- memory -------------------------------------------------------------
+    #: recompute activations of these parts in backward (``torch.utils.checkpoint``, per YOLO layer).
+    grad_checkpoint: list[str] = field(default_factory=list)
+    #: autocast precision: ``none`` (fp32) or ``bf16`` (CPU and CUDA).
+    amp: str = "none"
+    #: refuse to start when one micro-batch's exact bytes (MemoryReport) exceed this many MiB
+    #: (None = the free CUDA memory on GPU, no limit on CPU).
+    memory_limit_mb: float | None = None
+
+    # --- evaluation, logging, checkpoints -----------------------------------
+    #: evaluate on the val split every N epochs (and always at the end); 0 = only at the end.
+    eval_every: int = 1
+    #: images per evaluation batch.
+    eval_batch: int = 16
+    #: write ``checkpoints/last`` every N optimizer steps (and at the end); 0 = only at the end and per epoch.
+    save_every: int = 50
+    #: write a metrics.jsonl line every N optimizer steps.
+    log_every: int = 10
+    #: run directory (created; see docs/TRAINING.md for its contents).
+    out: str = "runs/train"
+    #: continue from ``<run dir>/checkpoints/last`` (a run directory or a checkpoint directory).
+    resume: str | None = None
+    #: seed for weights init, data order, augmentation.
+    seed: int = 0
+    #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    device: str = "auto"
+    #: no progress bars.
+    quiet: bool = False
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """Build from a mapping; unknown keys raise ``ConfigError`` naming the known ones."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"a training config must be a mapping of settings, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {', '.join(cls.field_names())}")
+        cfg = cls(**dict(values))
+        cfg.grad_checkpoint = _as_parts(cfg.grad_checkpoint)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        """Load a ``.yaml`` / ``.yml`` / ``.json`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix.lower() == ".json":
+                values = json.loads(text)
+            elif path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+            else:
+                raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
+        except (json.JSONDecodeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"cannot parse {path}: {exc}") from exc
+        except Exception as exc:  # yaml.YAMLError
+            raise ConfigError(f"cannot parse {path}: {exc}") from exc
+        return cls.from_dict(values)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed (``None`` values are ignored, so CLI defaults do not override)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self, command: str | None = None) -> str:
+        """YAML text with a header comment showing the command that runs it."""
+        import yaml
+
+        header = f"# {command}\n" if command else "# glasses-vision train --config config.yaml\n"
+        return header + yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "TrainConfig":
+        """Check every setting and their combinations; raises ``ConfigError`` saying what to change."""
+        if not self.data:
+            raise ConfigError("no dataset: set data to a YOLO data.yaml or a COCO json (CLI: --data)")
+        _positive("imgsz", self.imgsz)
+        if self.imgsz % 32:
+            raise ConfigError(f"imgsz={self.imgsz} must be a multiple of 32 (the YOLO stride), e.g. {max(32, round(self.imgsz / 32) * 32)}")
+        _positive("batch", self.batch)
+        _positive("accumulate", self.accumulate)
+        _positive("epochs", self.epochs)
+        _positive("rank", self.rank)
+        _positive("eval_batch", self.eval_batch)
+        _positive("log_every", self.log_every)
+        if self.max_steps is not None:
+            _positive("max_steps", self.max_steps)
+        for name in ("workers", "eval_every", "save_every"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ConfigError(f"grad_clip must be positive (or None / 0 for no clipping), got {self.grad_clip}")
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp={self.amp!r}; use one of {', '.join(AMP_MODES)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device={self.device!r}; use one of {', '.join(DEVICES)}")
+        self.grad_checkpoint = _as_parts(self.grad_checkpoint)
+        if self.memory_limit_mb is not None and self.memory_limit_mb <= 0:
+            raise ConfigError(f"memory_limit_mb must be positive, got {self.memory_limit_mb}")
+        if not isinstance(self.peft_settings, Mapping) or not isinstance(self.optimizer_settings, Mapping):
+            raise ConfigError("peft_settings and optimizer_settings must be mappings of keyword settings")
+        self._validate_names()
+        if self.in_backward:
+            from training.optim import check_in_backward_compatible
+
+            check_in_backward_compatible(accumulate=self.accumulate, clip_grad_norm=self.grad_clip or None)
+        return self
+
+    def _validate_names(self) -> None:
+        from training.optim import list_optimizers
+
+        key = str(self.optimizer).lower().replace("-", "").replace("_", "")
+        if key not in list_optimizers():
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(list_optimizers())}")
+        if self.peft != "none":
+            methods = _peft_methods()
+            if methods is not None and self.peft not in methods:
+                raise ConfigError(f"unknown PEFT method {self.peft!r}; known: none, {', '.join(methods)}")
+
+
+def _peft_methods() -> list[str] | None:
+    try:
+        from service.layers.peft import list_peft_methods
+    except ImportError:
+        return None
+    return list(list_peft_methods())
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _as_parts(value: Any) -> list[str]:
+    """``grad_checkpoint`` accepts a list of parts, one comma-separated string, True (backbone + neck) or False."""
+    if value is True:
+        return ["backbone", "neck"]
+    if value in (False, None, "", "none"):
+        return []
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    parts = list(value)
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ConfigError(f"grad_checkpoint parts {bad} unknown; use any of {', '.join(PARTS)}")
+    return parts

@@ -1,0 +1,208 @@
+"""One dataset interface for YOLO and COCO data: letterboxed images, boxes, a collate for batches.
+
+``ds[i]`` gives the sample dict of docs/ARCHITECTURE.md; :func:`collate` stacks
+samples into the batch that ultralytics' ``v8DetectionLoss`` takes (``img``,
+``cls``, ``bboxes`` as normalised ``cx cy w h``, ``batch_idx``). Without
+augmentation the image is exactly ``models.processing.letterbox`` of the file and
+the boxes are exactly the file's boxes mapped through the same letterbox.
+
+Bad data: with ``strict=True`` the first problem raises :class:`DataError` naming
+the file and line; with ``strict=False`` each image with a problem is skipped
+and recorded in ``ds.problems`` (``ds.skipped`` counts them). A dataset with no
+usable image is always an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from models.errors import DataError
+from models.processing import LetterboxInfo, letterbox
+from training.data.augment import AugmentConfig, DetectionAugment
+
+
+@dataclass(frozen=True)
+class DataProblem:
+    """One thing wrong with a dataset: the file, the line (1-based, 0 for the whole file) and what."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file} line {self.line}" if self.line else self.file
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class Record:
+    """One image and its labels: boxes either normalised ``cx cy w h`` or pixel ``x y w h`` (COCO)."""
+
+    im_file: Path
+    cls: np.ndarray  # (n,) int64
+    boxes: np.ndarray  # (n, 4) float32
+    normalized: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """The image as HxWx3 uint8 RGB; a missing, unreadable or truncated file raises :class:`DataError`."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: image cannot be decoded ({exc}); replace or remove it") from None
+
+
+def check_image(path: Path) -> DataProblem | None:
+    try:
+        load_image(path)
+    except DataError as exc:
+        return DataProblem(str(path), 0, str(exc).split(": ", 1)[1])
+    return None
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Records -> letterboxed samples; subclasses build ``self.records`` (see :mod:`training.data.yolo`, ``coco``)."""
+
+    def __init__(self, records: list[Record], names: list[str], imgsz: int = 320, augment: bool | AugmentConfig = False,
+                 problems: list[DataProblem] | None = None, source: str = ""):
+        self.records = records
+        self.names = list(names)
+        self.nc = len(self.names)
+        self.imgsz = int(imgsz)
+        self.problems = list(problems or [])
+        self.source = source
+        if augment:
+            self.augment = DetectionAugment(augment if isinstance(augment, AugmentConfig) else None)
+        else:
+            self.augment = None
+        if not self.records:
+            detail = f" ({len(self.problems)} skipped: {self.problems[0]})" if self.problems else ""
+            raise DataError(f"dataset {source} has no usable images{detail}; check the split paths and the files")
+
+    @property
+    def skipped(self) -> int:
+        """How many images were left out because of a problem."""
+        return len({p.file for p in self.problems})
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Classes and normalised ``cx cy w h`` of record ``i`` without loading the image (YOLO) or from its size (COCO)."""
+        r = self.records[i]
+        if r.normalized:
+            return r.cls, r.boxes
+        w, h = r.meta["width"], r.meta["height"]
+        b = r.boxes.astype(np.float64)
+        xywh = np.stack([(b[:, 0] + b[:, 2] / 2) / w, (b[:, 1] + b[:, 3] / 2) / h, b[:, 2] / w, b[:, 3] / h], 1)
+        return r.cls, xywh.astype(np.float32).reshape(-1, 4)
+
+    @staticmethod
+    def to_pixels(r: Record, h: int, w: int) -> np.ndarray:
+        """Record boxes as corner pixels in the original image, clipped to it."""
+        b = r.boxes.astype(np.float64)
+        if r.normalized:
+            xyxy = np.stack([(b[:, 0] - b[:, 2] / 2) * w, (b[:, 1] - b[:, 3] / 2) * h,
+                             (b[:, 0] + b[:, 2] / 2) * w, (b[:, 1] + b[:, 3] / 2) * h], 1)
+        else:
+            xyxy = np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)
+        xyxy = xyxy.reshape(-1, 4)
+        xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
+        xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
+        return xyxy.astype(np.float32)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.records[i]
+        image = load_image(r.im_file)
+        h, w = image.shape[:2]
+        orig = self.to_pixels(r, h, w)
+        boxed, info = letterbox(image, self.imgsz)
+        boxes = orig * info.ratio + np.array([info.pad_x, info.pad_y, info.pad_x, info.pad_y], np.float32)
+        img = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))
+        cls = torch.from_numpy(r.cls.astype(np.int64))
+        boxes_t = torch.from_numpy(boxes.astype(np.float32))
+        if self.augment is not None:
+            img, boxes_t, cls = self.augment(img, boxes_t, cls)
+            back = (boxes_t.numpy() - np.array([info.pad_x, info.pad_y] * 2, np.float32)) / info.ratio
+            back[:, [0, 2]] = back[:, [0, 2]].clip(0, w)
+            back[:, [1, 3]] = back[:, [1, 3]].clip(0, h)
+            orig = back.astype(np.float32)
+        S = float(self.imgsz)
+        xyxy = boxes_t.float()
+        cxcywh = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                              xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], 1) / S
+        return {
+            "img": img.contiguous(),
+            "cls": cls.float().view(-1, 1),
+            "bboxes": cxcywh.view(-1, 4),
+            "im_file": str(r.im_file),
+            "ori_shape": (h, w),
+            "letterbox": info,
+            "orig_xyxy": torch.from_numpy(orig).view(-1, 4),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for reports: images, boxes, boxes per class, skipped images and problems."""
+        per_class = np.zeros(self.nc, np.int64)
+        n_boxes = empty = 0
+        for r in self.records:
+            per_class += np.bincount(r.cls, minlength=self.nc)[: self.nc]
+            n_boxes += len(r.cls)
+            empty += len(r.cls) == 0
+        return {"images": len(self.records), "boxes": int(n_boxes), "background_images": int(empty),
+                "per_class": {n: int(c) for n, c in zip(self.names, per_class)},
+                "skipped": self.skipped, "problems": [str(p) for p in self.problems]}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples into one batch in ultralytics' detection format (``batch_idx`` says whose box it is)."""
+    if not samples:
+        raise DataError("cannot collate an empty batch")
+    batch_idx = torch.cat([torch.full((len(s["cls"]),), float(i)) for i, s in enumerate(samples)])
+    return {
+        "img": torch.stack([s["img"] for s in samples]),
+        "cls": torch.cat([s["cls"] for s in samples]).view(-1, 1),
+        "bboxes": torch.cat([s["bboxes"] for s in samples]).view(-1, 4),
+        "batch_idx": batch_idx,
+        "im_file": [s["im_file"] for s in samples],
+        "ori_shape": [s["ori_shape"] for s in samples],
+        "letterbox": [s["letterbox"] for s in samples],
+        "orig_xyxy": [s["orig_xyxy"] for s in samples],
+    }
+
+
+def build_dataset(data: str | Path | dict, split: str = "train", imgsz: int = 320, augment: bool | AugmentConfig = False,
+                  *, strict: bool = True, check_images: bool = True) -> DetectionDataset:
+    """A dataset for ``split`` of a ``data.yaml`` (YOLO; a split may also be a COCO ``.json``) or of a COCO json file."""
+    from training.data.coco import CocoDataset
+    from training.data.yolo import read_data_yaml
+    from training.data.yolo import YoloDataset
+
+    kw = dict(imgsz=imgsz, augment=augment, strict=strict, check_images=check_images)
+    if isinstance(data, (str, Path)) and Path(data).suffix.lower() == ".json":
+        return CocoDataset(Path(data), **kw)
+    cfg = data if isinstance(data, dict) else read_data_yaml(data)
+    if split not in cfg:
+        present = [s for s in ("train", "val", "test") if s in cfg]
+        raise DataError(f"{cfg.get('yaml_file', 'dataset')} has no '{split}' split; it has {', '.join(present)}")
+    sources = cfg[split]
+    if len(sources) == 1 and sources[0].suffix.lower() == ".json":
+        ds = CocoDataset(sources[0], **kw)
+        if ds.names != cfg["names"]:
+            raise DataError(f"{sources[0]}: categories {ds.names} differ from the names {cfg['names']} in {cfg['yaml_file']}")
+        return ds
+    return YoloDataset(sources, cfg["names"], source=f"{cfg.get('yaml_file', '')}[{split}]", **kw)
+
+
+__all__ = ["DetectionDataset", "Record", "collate", "build_dataset", "load_image", "LetterboxInfo"]

@@ -1,0 +1,294 @@
+"""The shared engine of COAP, GaLore and AdamW8bit: Adam with moments in a projected, optionally 8-bit space.
+
+A parameter takes one of three layouts, a pure function of its shape and its
+group's settings (so a resumed or a DDP-replicated optimizer picks the same):
+
+* ``adam``   — 1-D and tiny tensors (``numel <= min_numel``): plain AdamW;
+* ``matrix`` — 2-D weights, 1×1 convolutions and other tensors viewed as
+  ``shape[0] × rest``: a one-sided projection ``P`` (r×n) of the gradient,
+  oriented so that the longer side keeps its full size;
+* ``tucker`` — k×k convolutions (k > 1) when the subclass asks for it: Tucker-2
+  factors on the output and input channel modes.
+
+``optimizer.state[p]`` holds only tensors and plain numbers: ``step`` (a CPU
+float tensor, as ``torch.optim.AdamW``), ``exp_avg`` / ``exp_avg_sq`` (float32,
+or int8 / uint8 codes plus ``*_absmax`` block scales when ``eight_bit``),
+``proj`` (matrix) or ``proj_out`` / ``proj_in`` (Tucker), and the randomised
+SVD's ``rng_seed`` / ``rng_calls``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from models.errors import ConfigError
+from training.optim import projection as proj
+from training.optim.quant8 import DEFAULT_BLOCK_SIZE, dequantize_many, quantize_many
+
+#: Tensors with at most this many elements take plain AdamW (DESIGN.md: 32·32·3·3).
+TINY_NUMEL = 32 * 32 * 3 * 3
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+class ProjectedAdamW(Optimizer):
+    """AdamW whose moments live in a low-rank projected space (see the subclasses).
+
+    Subclasses set ``conv_layout`` (``"tucker"`` or ``"matrix"``) and implement
+    :meth:`_refresh_matrix` / :meth:`_refresh_tucker`, which initialise and move
+    the projection. With ``projected=False`` every parameter takes the ``adam``
+    layout (AdamW8bit).
+    """
+
+    conv_layout = "matrix"
+    projected = True
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        rank: int | None = None,
+        rank_ratio_matrix: float = 4.0,
+        rank_ratio_cnn: float = 4.0,
+        update_interval: int = 32,
+        reproject_factor: int = 5,
+        eight_bit: bool = False,
+        scale: float = 1.0,
+        min_numel: int = TINY_NUMEL,
+        proj_lr: float = 0.1,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        seed: int = 0,
+    ):
+        params = list(params)
+        _check(len(params) > 0, f"{type(self).__name__} got an empty parameter list; pass the model's trainable parameters")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+            rank_ratio_matrix=rank_ratio_matrix, rank_ratio_cnn=rank_ratio_cnn,
+            update_interval=update_interval, reproject_factor=reproject_factor, eight_bit=eight_bit,
+            scale=scale, min_numel=min_numel, proj_lr=proj_lr, block_size=block_size, seed=seed,
+        )  # fmt: skip
+        self._validate(defaults)
+        super().__init__(params, defaults)
+        #: added to each parameter's index in the randomised-SVD seed (optimizer-in-backward sets it,
+        #: so that one optimizer per parameter draws what one optimizer for all would)
+        self.param_index_offset = 0
+
+    # ----------------------------------------------------------------- settings
+    @staticmethod
+    def _validate(g: dict[str, Any]) -> None:
+        _check(isinstance(g["lr"], (int, float)) and g["lr"] >= 0, f"lr must be >= 0, got {g['lr']}")
+        _check(g["eps"] >= 0, f"eps must be >= 0, got {g['eps']}")
+        b1, b2 = g["betas"]
+        _check(0 <= b1 < 1 and 0 <= b2 < 1, f"betas must each be in [0, 1), got {g['betas']}")
+        _check(g["weight_decay"] >= 0, f"weight_decay must be >= 0, got {g['weight_decay']}")
+        rank = g["rank"]
+        _check(
+            rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0),
+            f"rank must be a positive integer (or None to use the rank ratios), got {rank!r}",
+        )
+        for key in ("rank_ratio_matrix", "rank_ratio_cnn"):
+            _check(g[key] >= 1, f"{key} must be >= 1 (rank = dimension / ratio), got {g[key]}")
+        for key in ("update_interval", "reproject_factor", "block_size"):
+            _check(isinstance(g[key], int) and g[key] > 0, f"{key} must be a positive integer, got {g[key]!r}")
+        _check(g["scale"] > 0, f"scale must be > 0, got {g['scale']}")
+        _check(g["proj_lr"] > 0, f"proj_lr must be > 0, got {g['proj_lr']}")
+        _check(g["min_numel"] >= 0, f"min_numel must be >= 0, got {g['min_numel']}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._validate(self.param_groups[-1])
+
+    # ------------------------------------------------------------------- layout
+    def layout(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[str, tuple]:
+        """``("adam", ())``, ``("matrix", (rows, cols, r, transposed))`` or ``("tucker", (r0, r1))`` for ``p``."""
+        if not self.projected or p.dim() < 2 or p.numel() <= group["min_numel"]:
+            return "adam", ()
+        rank = group["rank"]
+        if p.dim() == 4 and p.shape[2] * p.shape[3] > 1 and self.conv_layout == "tucker":
+            root = math.sqrt(group["rank_ratio_cnn"])
+            r = [min(d, rank if rank is not None else max(1, math.ceil(d / root))) for d in p.shape[:2]]
+            return "tucker", (r[0], r[1])
+        rows, cols = p.shape[0], p.numel() // p.shape[0]
+        transposed = rows < cols
+        if transposed:
+            rows, cols = cols, rows
+        r = min(cols, rank if rank is not None else max(1, math.ceil(cols / group["rank_ratio_matrix"])))
+        return "matrix", (rows, cols, r, transposed)
+
+    @staticmethod
+    def _as_matrix(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+        m = t.reshape(t.shape[0], -1)
+        return m.T if transposed else m
+
+    # -------------------------------------------------------------------- state
+    def _param_index(self, p: torch.Tensor) -> int:
+        i = 0
+        for group in self.param_groups:
+            for q in group["params"]:
+                if q is p:
+                    return i + self.param_index_offset
+                i += 1
+        raise KeyError("parameter not in this optimizer")
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        kind, info = self.layout(p, group)
+        state["step"] = torch.tensor(0.0)
+        if kind == "adam":
+            shape = p.shape
+        elif kind == "matrix":
+            rows, cols, r, _ = info
+            shape = (rows, r)
+        else:
+            shape = (info[0], info[1], *p.shape[2:])
+        state["rng_seed"] = int(group["seed"]) * 1_000_003 + self._param_index(p)
+        state["rng_calls"] = 0
+        zeros = [torch.zeros(shape, dtype=torch.float32, device=p.device) for _ in range(2)]
+        self._store_moments([state], [zeros[0]], [zeros[1]], group)
+
+    def _generator(self, state: dict[str, Any]) -> torch.Generator:
+        gen = torch.Generator()
+        gen.manual_seed(state["rng_seed"] * 1_000_033 + state["rng_calls"])
+        state["rng_calls"] += 1
+        return gen
+
+    @staticmethod
+    def _load_moments(states: list[dict[str, Any]], group: dict[str, Any]) -> tuple[list, list]:
+        """float32 first and second moments of ``states`` (dequantised together in 8-bit mode)."""
+        if group["eight_bit"]:
+            bs = group["block_size"]
+            ms = dequantize_many([(s["exp_avg"], s["exp_avg_absmax"]) for s in states], bs)
+            vs = dequantize_many([(s["exp_avg_sq"], s["exp_avg_sq_absmax"]) for s in states], bs)
+            return ms, vs
+        return [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+
+    @staticmethod
+    def _store_moments(states: list[dict[str, Any]], ms: list, vs: list, group: dict[str, Any]) -> None:
+        if group["eight_bit"]:
+            bs = group["block_size"]
+            for s, (c, a) in zip(states, quantize_many(ms, signed=True, block_size=bs)):
+                s["exp_avg"], s["exp_avg_absmax"] = c, a
+            for s, (c, a) in zip(states, quantize_many(vs, signed=False, block_size=bs)):
+                s["exp_avg_sq"], s["exp_avg_sq_absmax"] = c, a
+        else:
+            for s, m, v in zip(states, ms, vs):
+                s["exp_avg"], s["exp_avg_sq"] = m, v
+
+    # --------------------------------------------------------------- projection
+    def _refresh_matrix(self, g: torch.Tensor, state: dict, group: dict, step: int, exp_avg: torch.Tensor, r: int):
+        raise NotImplementedError
+
+    def _refresh_tucker(self, g: torch.Tensor, state: dict, group: dict, step: int, core_avg: torch.Tensor, ranks):
+        raise NotImplementedError
+
+    def _project(self, p, g, state, group, kind, info, step, exp_avg) -> torch.Tensor:
+        if kind == "adam":
+            return g
+        if kind == "matrix":
+            rows, cols, r, transposed = info
+            gm = self._as_matrix(g, transposed)
+            if r >= cols:  # full rank: the identity projection, never moved
+                state.setdefault("proj", torch.eye(cols, dtype=torch.float32, device=g.device))
+            else:
+                self._refresh_matrix(gm, state, group, step, exp_avg, r)
+            return proj.matrix_project(gm, state["proj"])
+        r0, r1 = info
+        if r0 >= g.shape[0] and r1 >= g.shape[1]:
+            state.setdefault("proj_out", torch.eye(g.shape[0], dtype=torch.float32, device=g.device))
+            state.setdefault("proj_in", torch.eye(g.shape[1], dtype=torch.float32, device=g.device))
+        else:
+            self._refresh_tucker(g, state, group, step, exp_avg, (r0, r1))
+        return proj.tucker_project(g, state["proj_out"], state["proj_in"])
+
+    def _back(self, p, update, state, kind, info) -> torch.Tensor:
+        if kind == "adam":
+            return update
+        if kind == "matrix":
+            full = proj.matrix_back(update, state["proj"])
+            return (full.T if info[3] else full).reshape(p.shape)
+        return proj.tucker_back(update, state["proj_out"], state["proj_in"])
+
+    # --------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One AdamW step in each parameter's projected space; returns ``closure()``'s loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        params, states, steps = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ConfigError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                self._init_state(p, group, state)
+            state["step"] += 1
+            params.append(p)
+            states.append(state)
+            steps.append(int(state["step"].item()))
+        if not params:
+            return
+        ms, vs = self._load_moments(states, group)
+        kinds = [self.layout(p, group) for p in params]
+        grads = [
+            self._project(p, p.grad.detach().float(), state, group, kind, info, step, m)
+            for p, state, (kind, info), step, m in zip(params, states, kinds, steps, ms)
+        ]
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        # Adam on the (projected) gradients, all parameters of the group at once.
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
+        bc2_sqrt = [math.sqrt(1 - beta2**s) for s in steps]
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        updates = torch._foreach_div(ms, denom)
+        step_sizes = [-lr / (1 - beta1**s) for s in steps]
+        for i, (kind, info) in enumerate(kinds):
+            if kind != "adam":
+                step_sizes[i] *= group["scale"]
+        torch._foreach_mul_(updates, step_sizes)
+        full = [self._back(p, u, st, k, inf) for p, u, st, (k, inf) in zip(params, updates, states, kinds)]
+        if all(p.dtype == torch.float32 for p in params):
+            torch._foreach_add_(params, full)
+        else:
+            for p, u in zip(params, full):
+                p.add_(u.to(p.dtype))
+        if group["eight_bit"]:  # float32 moments were updated in place
+            self._store_moments(states, ms, vs, group)
+
+    # ---------------------------------------------------------------- load/save
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like ``Optimizer.load_state_dict`` but keeps every state tensor's dtype (int8 codes, fp32 moments)."""
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(ids, params))
+        for key, value in saved.items():
+            p = by_id[key]
+            self.state[p] = {
+                k: (v.clone() if k == "step" else v.to(device=p.device, copy=True)) if torch.is_tensor(v) else v
+                for k, v in value.items()
+            }

@@ -1,0 +1,161 @@
+"""Low-rank gradient projections as pure functions over tensors.
+
+Nothing here keeps state: the optimizers store every projection in
+``optimizer.state`` and pass it in. Every function is deterministic given its
+inputs (and, for the randomised SVD, a ``torch.Generator`` seeded from the
+optimizer state), so every DDP rank that sees the same gradient computes the
+same projection.
+
+Conventions:
+
+* matrix: a gradient ``G`` (m×n, oriented so that ``m >= n``) and a projection
+  ``P`` (r×n) with orthonormal rows; ``R = G Pᵀ`` (m×r), back: ``R P``;
+* Tucker-2: a convolution gradient ``G`` (O×I×k×k) and factors ``U0`` (O×r0),
+  ``U1`` (I×r1) with orthonormal columns; core ``G ×₀ U0ᵀ ×₁ U1ᵀ`` (r0×r1×k×k).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def orthonormal_rows(p: torch.Tensor) -> torch.Tensor:
+    """Rows of ``p`` (r×n, r <= n) made orthonormal (QR), signs fixed so the result is unique."""
+    q, r = torch.linalg.qr(p.T)
+    sign = torch.sign(torch.diagonal(r))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (q * sign).T.contiguous()
+
+
+def randn_cpu(rows: int, cols: int, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """Gaussian sketch drawn on the CPU (so every device draws the same numbers), moved to ``like``."""
+    out = torch.randn(rows, cols, generator=generator, dtype=torch.float32)
+    return out.to(device=like.device, dtype=like.dtype)
+
+
+def rsvd_right(
+    g: torch.Tensor,
+    rank: int,
+    warm: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    oversample: int = 8,
+) -> torch.Tensor:
+    """Top-``rank`` right singular vectors (rank×n) of ``g`` (m×n) by a randomised SVD.
+
+    The sketch is ``Y = G Ω`` with ``Ω = [warmᵀ, Gaussian columns]`` (the previous
+    projection warm-starts it; ``oversample`` random columns widen it), then
+    ``Q = qr(Y)``, ``B = Qᵀ G`` and the answer is the top right singular vectors of ``B``.
+    """
+    m, n = g.shape
+    width = min(m, n, rank + oversample)
+    cols = [] if warm is None else [warm[:width].T]
+    extra = width - (0 if warm is None else cols[0].shape[1])
+    if extra > 0:
+        cols.append(randn_cpu(n, extra, generator, g))
+    omega = torch.cat(cols, dim=1)
+    q, _ = torch.linalg.qr(g @ omega)
+    _, _, vh = torch.linalg.svd(q.T @ g, full_matrices=False)
+    return orthonormal_rows(vh[:rank])
+
+
+def svd_right(g: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` right singular vectors (rank×n) of ``g`` by a full SVD (GaLore)."""
+    _, _, vh = torch.linalg.svd(g, full_matrices=False)
+    return vh[:rank].contiguous()
+
+
+def matrix_project(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``G Pᵀ`` (m×r)."""
+    return g @ p.T
+
+
+def matrix_back(r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``R P`` (m×n)."""
+    return r @ p
+
+
+def tucker_project(g: torch.Tensor, u0: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
+    """Core ``G ×₀ U0ᵀ ×₁ U1ᵀ`` (r0×r1×k×k) of a conv gradient ``G`` (O×I×k×k)."""
+    return torch.einsum("oikl,or,is->rskl", g, u0, u1)
+
+
+def tucker_back(core: torch.Tensor, u0: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
+    """``core ×₀ U0 ×₁ U1`` (O×I×k×k)."""
+    return torch.einsum("rskl,or,is->oikl", core, u0, u1)
+
+
+def unfold(g: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-``mode`` unfolding of a 4-D tensor: ``dim_mode × (rest)``."""
+    return g.movedim(mode, 0).reshape(g.shape[mode], -1)
+
+
+def tucker_factors(
+    g: torch.Tensor,
+    ranks: tuple[int, int],
+    warm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial HOSVD of the channel modes: ``U_i`` = top-``r_i`` left singular vectors of unfolding ``i``.
+
+    Each factor is a randomised SVD of the unfolding, warm-started from the
+    previous factor when ``warm`` is given.
+    """
+    out = []
+    for mode in (0, 1):
+        w = None if warm is None else warm[mode].T
+        out.append(rsvd_right(unfold(g, mode).T, ranks[mode], warm=w, generator=generator).T.contiguous())
+    return out[0], out[1]
+
+
+def _clip(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    norm = torch.sqrt(sum((t * t).sum() for t in grads))
+    factor = max_norm / norm.clamp_min(max_norm)  # 1 when the norm is already small enough
+    return [t * factor for t in grads]
+
+
+def _relative_error(recon: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    # A relative squared error rather than a raw MSE: the step size (~0.1) then
+    # means the same thing whatever the gradient's scale is.
+    return (recon - g).pow(2).sum() / g.pow(2).sum().clamp_min(1e-30)
+
+
+def correlation_step_matrix(
+    g: torch.Tensor, p: torch.Tensor, exp_avg: torch.Tensor, lr: float = 0.1, max_norm: float = 1.0
+) -> torch.Tensor:
+    """One clipped gradient step on ``P`` for ``L = err(G PᵀP, G) · (1 − mean cos(M P, G))``.
+
+    ``M`` (m×r) is Adam's first moment in the projected space; the cosine is per
+    row of ``G``. Returns the new ``P`` with orthonormal rows.
+    """
+    p = p.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        err = _relative_error((g @ p.T) @ p, g)
+        cos = F.cosine_similarity(exp_avg @ p, g, dim=1, eps=1e-12).mean()
+        (grad,) = torch.autograd.grad(err * (1 - cos), p)
+    (grad,) = _clip([grad], max_norm)
+    return orthonormal_rows(p.detach() - lr * grad)
+
+
+def correlation_step_tucker(
+    g: torch.Tensor,
+    u0: torch.Tensor,
+    u1: torch.Tensor,
+    core_avg: torch.Tensor,
+    lr: float = 0.1,
+    max_norm: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The correlation-aware step of :func:`correlation_step_matrix` on both Tucker factors.
+
+    The cosine is per output channel between the back-projected first moment and ``G``;
+    the joint gradient of ``(U0, U1)`` is clipped to ``max_norm``.
+    """
+    u0 = u0.detach().clone().requires_grad_(True)
+    u1 = u1.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        err = _relative_error(tucker_back(tucker_project(g, u0, u1), u0, u1), g)
+        moment = tucker_back(core_avg, u0, u1)
+        cos = F.cosine_similarity(moment.flatten(1), g.flatten(1), dim=1, eps=1e-12).mean()
+        grads = torch.autograd.grad(err * (1 - cos), (u0, u1))
+    g0, g1 = _clip(list(grads), max_norm)
+    return orthonormal_rows((u0.detach() - lr * g0).T).T.contiguous(), orthonormal_rows((u1.detach() - lr * g1).T).T.contiguous()

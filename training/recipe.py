@@ -1,0 +1,690 @@
+"""The fine-tuning recipe: ``train(config) -> TrainResult``.
+
+Read :func:`train` top to bottom: it composes small components defined below it
+(data, model + PEFT, memory pre-flight, optimizer + schedule, the step, evaluation,
+checkpoints, outputs). The same function serves the CLI, Python, the HTTP job
+worker (through ``on_event`` / ``should_stop``) and ``torchrun`` (DistributedDataParallel,
+NCCL on CUDA, gloo on CPU; rank 0 writes metrics and checkpoints).
+
+One optimizer step consumes ``batch x accumulate x world_size`` images. The loss of
+each micro-batch is ultralytics' detection loss per image; gradients are the mean
+over the micro-batches of the step, so k accumulated micro-batches, k processes, or
+one k-times larger batch (with equal per-micro-batch statistics) give the same update.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.errors import ConfigError, DataError, GlassesVisionError
+from models.io import atomic_write_json, atomic_write_text
+from training.config import TrainConfig
+
+EventFn = Callable[[dict[str, Any]], None]
+StopFn = Callable[[], bool]
+
+
+class NonFiniteLossError(GlassesVisionError):
+    """The loss (or gradient norm) became NaN / inf; training stopped and the last good checkpoint was kept."""
+
+    http_status = 422
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run produced."""
+
+    run_dir: Path
+    status: str  # "completed" | "stopped"
+    steps: int
+    total_steps: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    best_map50_95: float | None = None
+    losses: list[float] = field(default_factory=list)  # per optimizer step run in this call
+    memory: dict[str, Any] = field(default_factory=dict)
+    trainable: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    adapter_dir: Path | None = None
+    merged_dir: Path | None = None
+    best_dir: Path | None = None
+
+
+def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: StopFn | None = None) -> TrainResult:
+    """Fine-tune a detector as ``config`` says; see docs/TRAINING.md for the run directory it writes."""
+    started = time.perf_counter()
+    cfg = resolve_resume_config(config).validate()
+    emit = on_event or (lambda event: None)
+    should_stop = should_stop or (lambda: False)
+    dist_info = DistInfo.current()
+    device = pick_device(cfg.device, dist_info)
+    if cfg.in_backward and dist_info.world > 1:
+        raise ConfigError("optimizer-in-backward steps before DistributedDataParallel has averaged the gradients; "
+                          "turn in_backward off or run one process")
+    run_dir = Path(cfg.out)
+    seed_everything(cfg.seed)
+
+    # 1. data: fail on a missing / empty dataset before building anything heavy
+    train_ds, val_ds = build_datasets(cfg)
+    global_batch = cfg.batch * cfg.accumulate * dist_info.world
+    steps_per_epoch = len(train_ds) // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the training set has {len(train_ds)} images but one optimizer step needs {global_batch} "
+                          f"(batch {cfg.batch} x accumulate {cfg.accumulate} x {dist_info.world} processes); lower batch or accumulate")
+    total_steps = min(cfg.max_steps or 1 << 62, cfg.epochs * steps_per_epoch)
+
+    # 2. model + PEFT + memory savers
+    model = build_model(cfg, list(train_ds.names))
+    model.to(device)
+    trainable = trainable_summary(model)
+    model.set_gradient_checkpointing(tuple(cfg.grad_checkpoint))
+    criterion = build_criterion(model)
+    autocast = amp_context(cfg.amp, device)
+
+    # 3. memory pre-flight: one real micro-batch, exact bytes, before any weight changes
+    memory = preflight_memory(model, criterion, train_ds, cfg, device, autocast)
+
+    # 4. optimizer, schedule, EMA; DDP wrapper
+    optimizer = build_optimizer_for(cfg, model)
+    scheduler = build_scheduler_for(cfg, optimizer, total_steps)
+    ema = build_ema(cfg, model)
+    ddp = wrap_distributed(model, device, dist_info)
+
+    # 5. resume or start fresh
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "best_map50_95": None}
+    if cfg.resume:
+        state = restore(cfg.resume, model, optimizer, scheduler, ema, device)
+    if dist_info.is_main:
+        prepare_run_dir(run_dir, cfg, keep_until_step=state["step"] if cfg.resume else None)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=dist_info.is_main)
+    emit({"event": "start", "run_dir": str(run_dir), "total_steps": total_steps, "step": state["step"],
+          "trainable": trainable, "world_size": dist_info.world})
+
+    # 6. the loop
+    from tqdm import tqdm
+
+    losses: list[float] = []
+    status = "completed"
+    step, metrics = state["step"], {}
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=cfg.quiet or not dist_info.is_main,
+               dynamic_ncols=True)
+    last_ckpt_step = step if cfg.resume else None
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    for epoch in range(state["epoch"], n_epochs):
+        start_in_epoch = state["epoch_step"] if epoch == state["epoch"] else 0
+        loader = build_loader(train_ds, cfg, dist_info, epoch, start_in_epoch, steps_per_epoch)
+        batches = iter(loader)
+        for epoch_step in range(start_in_epoch, steps_per_epoch):
+            if step >= total_steps:
+                break
+            model.train()
+            parts = train_step(ddp, model, criterion, batches, cfg, device, autocast, dist_info, step)
+            if not parts["finite"]:
+                _raise_non_finite(parts, step, epoch, run_dir, last_ckpt_step, log, emit, dist_info)
+            grad_norm = clip_gradients(model, cfg)
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                parts["what"] = f"gradient norm {grad_norm}"
+                _raise_non_finite(parts, step, epoch, run_dir, last_ckpt_step, log, emit, dist_info)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            losses.append(parts["loss"])
+            if step == 1 or memory.get("optimizer_state") is None:
+                memory = finish_memory_report(memory, optimizer, run_dir, dist_info)
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1)
+            record = {"kind": "train", "step": step, "epoch": epoch + 1, "loss": parts["loss"], **parts["items"], "lr": lr,
+                      "grad_norm": grad_norm, "time_s": round(time.perf_counter() - started, 3)}
+            if step % cfg.log_every == 0 or step == total_steps:
+                log.write(record)
+                emit({"event": "step", **record, "total_steps": total_steps})
+            position = {"epoch": epoch, "epoch_step": epoch_step + 1}
+            if epoch_step + 1 == steps_per_epoch:
+                position = {"epoch": epoch + 1, "epoch_step": 0}
+            end_of_epoch = epoch_step + 1 == steps_per_epoch
+            if end_of_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and step < total_steps:
+                metrics = run_eval(model, ema, val_ds, cfg, step, epoch, run_dir, state, log, emit, dist_info)
+            stop_now = bool(should_stop()) if dist_info.is_main else False
+            stop_now = broadcast_flag(stop_now, dist_info)
+            if (cfg.save_every and step % cfg.save_every == 0) or end_of_epoch or stop_now or step == total_steps:
+                save_training_state(run_dir, step, position, state, model, optimizer, scheduler, ema, dist_info)
+                last_ckpt_step = step
+                emit({"event": "checkpoint", "step": step})
+            if stop_now:
+                status = "stopped"
+                break
+        if status == "stopped" or step >= total_steps:
+            break
+    bar.close()
+
+    # 7. outputs: final evaluation, adapter, merged weights, plots, summary
+    result = TrainResult(run_dir=run_dir, status=status, steps=step, total_steps=total_steps, losses=losses,
+                         memory=memory, trainable=trainable, best_map50_95=state["best_map50_95"])
+    if status == "completed":
+        if not metrics or metrics.get("step") != step:
+            metrics = run_eval(model, ema, val_ds, cfg, step, n_epochs - 1, run_dir, state, log, emit, dist_info)
+        result.metrics, result.best_map50_95 = metrics, state["best_map50_95"]
+        if dist_info.is_main:
+            result.adapter_dir, result.merged_dir = write_final_weights(cfg, model, ema, run_dir)
+            result.best_dir = run_dir / "best" if (run_dir / "best").is_dir() else None
+    result.wall_time_s = time.perf_counter() - started
+    if dist_info.is_main:
+        write_summary(run_dir, cfg, result, dist_info)
+        plot_curves(run_dir)
+    barrier(dist_info)
+    emit({"event": "end", "status": status, "step": step, "metrics": result.metrics, "run_dir": str(run_dir)})
+    return result
+
+
+# ---------------------------------------------------------------------------- distributed
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls) -> "DistInfo":
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        return cls()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
+
+
+def broadcast_flag(flag: bool, info: DistInfo) -> bool:
+    if info.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.world > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= info.world
+    return values
+
+
+def pick_device(name: str, info: DistInfo) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA device is available; use device: cpu")
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def wrap_distributed(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
+    if info.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------- config
+def resolve_resume_config(config: TrainConfig) -> TrainConfig:
+    """``resume`` alone (no dataset): take every setting from the run's ``config.yaml``."""
+    if not config.resume or config.data:
+        return config
+    from training.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(config.resume)
+    run_dir = ckpt.parent.parent
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"cannot resume from {config.resume}: {saved} is missing; pass the run's settings again")
+    return TrainConfig.from_file(saved).replace(resume=str(config.resume), out=str(run_dir), quiet=config.quiet)
+
+
+# ---------------------------------------------------------------------------- data
+def build_datasets(cfg: TrainConfig):
+    from training.data import build_dataset
+
+    path = Path(cfg.data)
+    if not path.exists():
+        raise ConfigError(f"dataset {cfg.data} does not exist; pass a YOLO data.yaml or a COCO json (--data)")
+    train_ds = build_dataset(str(path), split="train", imgsz=cfg.imgsz, augment=cfg.augment)
+    val_ds = build_dataset(str(path), split="val", imgsz=cfg.imgsz, augment=False)
+    if len(train_ds) == 0:
+        raise DataError(f"{cfg.data} has no training images")
+    if len(val_ds) == 0:
+        raise DataError(f"{cfg.data} has no validation images; add a val split")
+    return train_ds, val_ds
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this process's micro-batches of one epoch, from optimizer step ``start_step`` on.
+
+    The epoch's permutation depends only on ``seed + epoch``. Optimizer step ``s`` takes
+    the slice ``[s*G, (s+1)*G)`` of it (``G = batch x accumulate x world``); micro-batch
+    ``m`` of rank ``r`` is sub-slice ``m*world + r``. So the images of a step do not
+    depend on how they are split into processes and micro-batches, and resuming at
+    step ``s`` needs nothing but ``s``.
+    """
+
+    def __init__(self, n: int, batch: int, accumulate: int, rank: int, world: int, seed: int, epoch: int,
+                 start_step: int, steps: int, shuffle: bool = True):
+        self.n, self.batch, self.accumulate, self.rank, self.world = n, batch, accumulate, rank, world
+        self.seed, self.epoch, self.start_step, self.steps, self.shuffle = seed, epoch, start_step, steps, shuffle
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        g = self.batch * self.accumulate * self.world
+        for s in range(self.start_step, self.steps):
+            for m in range(self.accumulate):
+                lo = s * g + (m * self.world + self.rank) * self.batch
+                yield order[lo : lo + self.batch]
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.accumulate
+
+
+def build_loader(ds, cfg: TrainConfig, info: DistInfo, epoch: int, start_step: int, steps: int):
+    from training.data import collate
+
+    sampler = GlobalBatchSampler(len(ds), cfg.batch, cfg.accumulate, info.rank, info.world, cfg.seed, epoch,
+                                 start_step, steps)
+    # a generator of its own: creating the loader must not draw from the global RNG (exact resume)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
+                                       generator=generator)
+
+
+# ---------------------------------------------------------------------------- model
+def build_model(cfg: TrainConfig, names: list[str]) -> nn.Module:
+    """The base detector with the dataset's classes, PEFT applied as configured."""
+    from models.detection import DetectionModel, architecture_names
+    from models.registry import create_model
+
+    if cfg.base in architecture_names():
+        model = DetectionModel(cfg.base, names=names, imgsz=cfg.imgsz)
+    else:
+        model = create_model(cfg.base)
+        base_names = [model.names[i] for i in range(model.nc)]
+        if base_names != names:
+            if not cfg.new_classes:
+                raise ConfigError(
+                    f"the dataset's classes {names} differ from the base model's {base_names}; set new_classes: true "
+                    f"(CLI --new-classes) to train a new class predictor, or use a dataset with the base's classes"
+                )
+            model.reset_classes(names)
+    model.imgsz = cfg.imgsz
+    if cfg.peft == "none":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        from service.layers.peft import apply_peft
+
+        settings = {"rank": cfg.rank, **({"alpha": cfg.alpha} if cfg.alpha is not None else {}), **cfg.peft_settings}
+        try:
+            model = apply_peft(model, cfg.peft, **settings) or model
+        except TypeError as exc:
+            raise ConfigError(f"PEFT method {cfg.peft!r} does not accept these settings {sorted(settings)}: {exc}") from exc
+        if cfg.new_classes:  # the new class predictor starts untrained: it must learn
+            for branch in model.model[-1].cv3:
+                for p in branch[-1].parameters():
+                    p.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"PEFT method {cfg.peft!r} with these settings left nothing trainable; widen its targets")
+    return model
+
+
+def trainable_summary(model: nn.Module) -> dict[str, Any]:
+    """Trainable / total parameter counts, overall and per part."""
+    total, trainable, per_part = 0, 0, {}
+    for name, p in model.named_parameters():
+        n = p.numel()
+        total += n
+        part = model.part_of(name) if hasattr(model, "part_of") else "model"
+        entry = per_part.setdefault(part, {"trainable": 0, "total": 0})
+        entry["total"] += n
+        if p.requires_grad:
+            trainable += n
+            entry["trainable"] += n
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1), "per_part": per_part}
+
+
+def build_criterion(model: nn.Module):
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    return v8DetectionLoss(model)
+
+
+def amp_context(amp: str, device: torch.device):
+    if amp == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+# ---------------------------------------------------------------------------- step
+def _to_float(preds: dict[str, Any]) -> dict[str, Any]:
+    return {k: ([f.float() for f in v] if isinstance(v, (list, tuple)) else v.float()) for k, v in preds.items()}
+
+
+def micro_batch_loss(model: nn.Module, criterion, batch: dict[str, Any], device: torch.device, autocast):
+    """Per-image detection loss of one micro-batch (sum of the box, cls and dfl terms) and its parts."""
+    imgs = batch["img"].to(device, non_blocking=True).float() / 255.0
+    targets = {k: batch[k].to(device) for k in ("batch_idx", "cls", "bboxes")}
+    with autocast():
+        preds = model(imgs)
+    loss, items = criterion(_to_float(preds), targets)
+    return loss.sum() / imgs.shape[0], items
+
+
+def train_step(ddp, model, criterion, batches, cfg: TrainConfig, device, autocast, info: DistInfo, step: int) -> dict:
+    """Forward + backward over ``accumulate`` micro-batches; gradients are their mean (and the mean over processes)."""
+    total = torch.zeros(4)
+    for m in range(cfg.accumulate):
+        batch = next(batches)
+        sync = m == cfg.accumulate - 1 or info.world == 1
+        with (ddp.no_sync() if not sync and hasattr(ddp, "no_sync") else nullcontext()):
+            loss, items = micro_batch_loss(ddp, criterion, batch, device, autocast)
+            finite = torch.isfinite(loss.detach()).float().cpu()
+            if info.world > 1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                return {"finite": False, "what": f"loss {loss.item()}", "loss": float("nan")}
+            (loss / cfg.accumulate).backward()
+        total += torch.cat([loss.detach().cpu().view(1), items_to_tensor(items)]) / cfg.accumulate
+    total = all_reduce_mean(total, info)
+    return {"finite": True, "loss": float(total[0]),
+            "items": {"box_loss": float(total[1]), "cls_loss": float(total[2]), "dfl_loss": float(total[3])}}
+
+
+def items_to_tensor(items) -> torch.Tensor:
+    if isinstance(items, dict):
+        items = list(items.values())
+    return torch.stack([torch.as_tensor(v).detach().float().cpu().reshape(()) for v in items])[:3]
+
+
+def clip_gradients(model: nn.Module, cfg: TrainConfig) -> float | None:
+    if cfg.in_backward or not cfg.grad_clip:
+        return None
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return None
+    return float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+
+
+def _raise_non_finite(parts, step, epoch, run_dir, last_ckpt_step, log, emit, info) -> None:
+    where = f"step {step + 1} (epoch {epoch + 1})"
+    kept = (f"the last good checkpoint is {run_dir / 'checkpoints' / 'last'} (step {last_ckpt_step}); resume from it "
+            f"with --resume {run_dir}" if last_ckpt_step is not None else "no checkpoint had been written yet")
+    message = (f"training stopped: {parts.get('what', 'loss')} is not finite at {where}; {kept}. "
+               "Lower lr, keep grad_clip on, or use amp: none")
+    log.write({"kind": "error", "step": step + 1, "epoch": epoch + 1, "error": message})
+    emit({"event": "error", "step": step + 1, "error": message})
+    if info.is_main:
+        atomic_write_json(run_dir / "summary.json", {"status": "diverged", "step": step + 1, "error": message,
+                                                     "last_checkpoint_step": last_ckpt_step})
+    raise NonFiniteLossError(message, step=step + 1)
+
+
+# ---------------------------------------------------------------------------- memory
+def preflight_memory(model, criterion, train_ds, cfg: TrainConfig, device, autocast) -> dict[str, Any]:
+    """Run one micro-batch forward + backward under exact accounting; refuse if it cannot fit.
+
+    Weights, BatchNorm statistics and RNG states are left as they were.
+    """
+    from training.checkpoint import rng_state, set_rng_state
+    from training.data import collate
+    from training.memory import measure_memory
+
+    rng = rng_state()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    model.train()
+    batch = collate([train_ds[i] for i in range(min(cfg.batch, len(train_ds)))])
+    try:
+        report = measure_memory(model, None, lambda: micro_batch_loss(model, criterion, batch, device, autocast)[0].backward())
+    except torch.OutOfMemoryError as exc:
+        raise ConfigError(f"one micro-batch of {cfg.batch} images at {cfg.imgsz} px does not fit in device memory; "
+                          "lower batch (and raise accumulate to keep the global batch), lower imgsz, or turn on "
+                          "grad_checkpoint") from exc
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+        set_rng_state(rng)
+    limit = cfg.memory_limit_mb * 2**20 if cfg.memory_limit_mb else None
+    if limit is None and device.type == "cuda":
+        limit = torch.cuda.mem_get_info(device)[0] + report.total
+    trainable = report.params_trainable
+    needed = report.total + 2 * trainable  # + an AdamW-sized optimizer state, the most any optimizer here keeps
+    if limit is not None and needed > limit:
+        raise ConfigError(
+            f"one micro-batch needs about {needed / 2**20:.0f} MiB (activations {report.activations / 2**20:.0f} MiB, "
+            f"weights + gradients {(report.total - report.activations) / 2**20:.0f} MiB, optimizer up to "
+            f"{2 * trainable / 2**20:.0f} MiB) but {limit / 2**20:.0f} MiB are available; lower batch "
+            f"(currently {cfg.batch}; raise accumulate to keep the global batch) or imgsz ({cfg.imgsz}), "
+            "or turn on grad_checkpoint"
+        )
+    out = report.to_dict()
+    out["optimizer_state"] = None
+    return out
+
+
+def finish_memory_report(memory: dict[str, Any], optimizer, run_dir: Path, info: DistInfo) -> dict[str, Any]:
+    """Add the optimizer state (exists after the first step) and write ``memory.txt``."""
+    from training.memory import MemoryReport, optimizer_state_bytes
+
+    keys = {k for k, _ in MemoryReport.COMPONENTS} | {"cuda_max_allocated"}
+    report = MemoryReport(**{k: v for k, v in memory.items() if k in keys and v is not None})
+    report.optimizer_state = optimizer_state_bytes(optimizer)
+    if info.is_main:
+        atomic_write_text(run_dir / "memory.txt", "memory budget of one training step (one micro-batch, exact bytes)\n"
+                          + report.table() + "\n")
+    return report.to_dict()
+
+
+# ---------------------------------------------------------------------------- optimizer, schedule, EMA
+def build_optimizer_for(cfg: TrainConfig, model: nn.Module):
+    from training.optim import build_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay, in_backward=cfg.in_backward,
+                           model=model if cfg.in_backward else None, accumulate=cfg.accumulate,
+                           clip_grad_norm=cfg.grad_clip or None, **cfg.optimizer_settings)
+
+
+def build_scheduler_for(cfg: TrainConfig, optimizer, total_steps: int):
+    from training.schedule import build_scheduler
+
+    warmup = int(round(cfg.warmup_fraction * total_steps))
+    return build_scheduler(optimizer, total_steps, warmup, cfg.min_lr_ratio)
+
+
+def build_ema(cfg: TrainConfig, model: nn.Module):
+    if not cfg.ema:
+        return None
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    return ModelEMA(model, decay=cfg.ema_decay, tau=cfg.ema_tau)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_training_state(run_dir, step, position, state, model, optimizer, scheduler, ema, info: DistInfo) -> None:
+    """Rank 0 writes ``checkpoints/last`` (atomic); the others wait."""
+    if info.is_main:
+        from training.checkpoint import rng_state, save_checkpoint
+
+        train_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ema": ({"state": ema.ema.state_dict(), "updates": ema.updates} if ema is not None else None),
+            "rng": rng_state(),
+        }
+        info_json = {**position, "best_map50_95": state["best_map50_95"], "world_size": info.world}
+        save_checkpoint(run_dir / "checkpoints", step, model.state_dict(), train_state, info_json)
+    barrier(info)
+
+
+def restore(path, model, optimizer, scheduler, ema, device) -> dict[str, Any]:
+    """Load a training checkpoint into the components; returns the loop position."""
+    from models.errors import CheckpointError
+    from training.checkpoint import load_checkpoint, set_rng_state
+
+    model_state, train_state, info = load_checkpoint(path, map_location=device)
+    try:
+        model.load_state_dict(model_state, strict=True)
+        optimizer.load_state_dict(train_state["optimizer"])
+        scheduler.load_state_dict(train_state["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not match this run's model / optimizer settings: {exc}") from exc
+    if ema is not None and train_state.get("ema"):
+        ema.ema.load_state_dict(train_state["ema"]["state"])
+        ema.updates = int(train_state["ema"]["updates"])
+    set_rng_state(train_state["rng"])
+    return {"step": int(info["step"]), "epoch": int(info["epoch"]), "epoch_step": int(info["epoch_step"]),
+            "best_map50_95": info.get("best_map50_95")}
+
+
+# ---------------------------------------------------------------------------- evaluation and outputs
+def eval_model(model: nn.Module, ema) -> nn.Module:
+    return ema.ema if ema is not None else model
+
+
+def run_eval(model, ema, val_ds, cfg, step, epoch, run_dir, state, log, emit, info: DistInfo) -> dict[str, Any]:
+    """Rank 0 evaluates on the val split, logs it and refreshes ``best/``; others wait."""
+    metrics: dict[str, Any] = {}
+    if info.is_main:
+        from training.evaluate import evaluate
+
+        net = eval_model(model, ema)
+        metrics = evaluate(net, val_ds, batch=cfg.eval_batch, plot_path=run_dir / "pr_curve.png", quiet=cfg.quiet)
+        metrics = {"kind": "eval", "step": step, "epoch": epoch + 1, **metrics}
+        log.write(metrics)
+        emit({"event": "eval", **metrics})
+        best = state["best_map50_95"]
+        if best is None or metrics["map50_95"] > best:
+            state["best_map50_95"] = metrics["map50_95"]
+            merged_copy(net).save(run_dir / "best")
+    barrier(info)
+    return metrics
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain DetectionModel with any adapters folded into its weights (the model itself is not changed)."""
+    net = copy.deepcopy(model)
+    if any(hasattr(m, "base_layer") for m in net.modules()):
+        from service.layers.peft import merge_lora
+
+        net = merge_lora(net) or net
+    net.checkpoint_layers = set()
+    return net.eval()
+
+
+def write_final_weights(cfg: TrainConfig, model, ema, run_dir: Path) -> tuple[Path | None, Path]:
+    net = eval_model(model, ema)
+    adapter_dir = None
+    if cfg.peft != "none":
+        from service.layers.peft import save_adapter
+
+        adapter_dir = run_dir / "adapter"
+        save_adapter(net, adapter_dir)
+    merged_dir = run_dir / "merged"
+    merged_copy(net).save(merged_dir)
+    return adapter_dir, merged_dir
+
+
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig, keep_until_step: int | None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    import dataclasses
+
+    saved = dataclasses.replace(cfg, resume=None)
+    atomic_write_text(run_dir / "config.yaml", saved.to_yaml(f"glasses-vision train --config {run_dir / 'config.yaml'}"))
+    metrics = run_dir / "metrics.jsonl"
+    if keep_until_step is None:
+        metrics.unlink(missing_ok=True)
+        (run_dir / "summary.json").unlink(missing_ok=True)
+    elif metrics.exists():  # records written after the checkpoint we resume from are replayed
+        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl`` (one JSON object per line)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, default=float) + "\n")
+            fh.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def write_summary(run_dir: Path, cfg: TrainConfig, result: TrainResult, info: DistInfo) -> None:
+    summary = {
+        "status": result.status,
+        "steps": result.steps,
+        "total_steps": result.total_steps,
+        "world_size": info.world,
+        "global_batch": cfg.batch * cfg.accumulate * info.world,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "metrics": {k: v for k, v in result.metrics.items() if k != "kind"},
+        "best_map50_95": result.best_map50_95,
+        "trainable": result.trainable,
+        "memory": result.memory,
+        "wall_time_s": round(result.wall_time_s, 2),
+        "config": cfg.to_dict(),
+        "outputs": {k: str(v) for k, v in (("adapter", result.adapter_dir), ("merged", result.merged_dir),
+                                           ("best", result.best_dir)) if v is not None},
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+
+
+def plot_curves(run_dir: Path) -> None:
+    from training.plots import plot_training_curves
+
+    records = MetricsLog(run_dir / "metrics.jsonl").read()
+    if records:
+        plot_training_curves(records, run_dir / "training_curves.png")
