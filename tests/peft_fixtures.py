@@ -43,6 +43,17 @@ def predict(model: nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
     return model(images() if x is None else x)
 
 
+@torch.no_grad()
+def logits(model: nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw head outputs in train mode (a fresh model's decoded scores all sit near the class prior)."""
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    model.train()
+    out = model(images() if x is None else x)
+    model.eval()
+    model.load_state_dict(buffers, strict=False)  # leave BatchNorm statistics as they were
+    return torch.cat([out["scores"], out["boxes"]], dim=1)
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 

@@ -438,3 +438,26 @@ def test_a_model_that_cannot_load_or_run_is_409_not_500(home):
         assert "broken" not in [m["id"] for m in c.get("/v1/models").json()["models"]]
         wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="ready")
         assert c.post("/v1/detect", files=files).status_code == 200
+
+
+def test_garbage_never_gets_a_500(client, data_root):
+    bodies = [
+        {"content": b"", "headers": {}},
+        {"content": b"\xff\xfe\x00garbage", "headers": {"content-type": "application/json"}},
+        {"content": b"[1, 2, 3]", "headers": {"content-type": "application/json"}},
+        {"content": b"null", "headers": {"content-type": "application/json"}},
+        {"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data"}},
+        {"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+        {"content": b"a=b", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+    ]
+    targets = [("POST", "/v1/detect"), ("POST", "/v1/detect?model=%00"), ("POST", "/v1/jobs"),
+               ("GET", "/v1/models/%2e%2e"), ("DELETE", "/v1/models/%2e%2e"), ("GET", "/v1/jobs/%00"),
+               ("POST", "/v1/jobs/x/cancel"), ("GET", "/v1/jobs?limit=-1"), ("GET", "/v1/jobs/x/logs?tail=0")]
+    for method, path in targets:
+        for body in bodies:
+            resp = client.request(method, path, headers={**AUTH, **body["headers"]}, content=body["content"])
+            assert 400 <= resp.status_code < 500, (method, path, body, resp.status_code, resp.text)
+            assert set(resp.json()) == {"error", "message"}
+    files = {"image": ("a.png", image_bytes(), "image/png"), "image2": ("b.png", image_bytes(), "image/png")}
+    resp = client.post("/v1/detect", files=files)
+    assert 400 <= resp.status_code < 500 and resp.json()["message"]

@@ -140,6 +140,40 @@ def test_uvicorn_end_to_end(home, tiny_model_dir):
         assert 'route="/v1/detect",status="200"} 21' in metrics
 
 
+def test_glasses_vision_serve_command(home, tiny_onnx):
+    """The CLI entry point: serves a registered default model on loopback, stops cleanly on Ctrl-C."""
+    import subprocess
+    import sys
+
+    from tests.service_fixtures import API_KEY, free_port
+
+    register_dummy_model(home, DEFAULT_MODEL_ID, onnx_file=tiny_onnx, classes=NAMES, imgsz=IMGSZ)
+    port = free_port()
+    env = dict(os.environ, GLASSES_VISION_API_KEYS=API_KEY, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--home", str(home), "--port", str(port), "--workers", "0",
+         "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready():
+            try:
+                return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                return False
+
+        wait_for(ready, 60, interval=0.2, what="glasses-vision serve to become ready")
+        r = httpx.post(f"{url}/v1/detect", files={"image": ("f.png", image_bytes(), "image/png")})
+        assert r.status_code == 200 and r.json()["model"] == DEFAULT_MODEL_ID
+        assert httpx.get(f"{url}/v1/jobs").status_code == 401
+        assert httpx.get(f"{url}/v1/jobs", headers=AUTH).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert f"serving on http://127.0.0.1:{port}" in out
+
+
 def _has_lora() -> bool:
     try:
         from service.layers.peft import list_peft_methods

@@ -15,6 +15,7 @@ one k-times larger batch (with equal per-micro-batch statistics) give the same u
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -350,21 +351,24 @@ def build_model(cfg: TrainConfig, names: list[str]) -> nn.Module:
                 )
             model.reset_classes(names)
     model.imgsz = cfg.imgsz
-    if cfg.peft == "none":
-        for p in model.parameters():
-            p.requires_grad_(True)
+    if cfg.peft in ("none", "full"):
+        for name, p in model.named_parameters():
+            p.requires_grad_(".dfl." not in name)  # the DFL projection is a fixed decoder (as in ultralytics)
     else:
-        from service.layers.peft import apply_peft
+        from service.layers.peft import apply_peft, peft_config_class
 
-        settings = {"rank": cfg.rank, **({"alpha": cfg.alpha} if cfg.alpha is not None else {}), **cfg.peft_settings}
-        try:
-            model = apply_peft(model, cfg.peft, **settings) or model
-        except TypeError as exc:
-            raise ConfigError(f"PEFT method {cfg.peft!r} does not accept these settings {sorted(settings)}: {exc}") from exc
-        if cfg.new_classes:  # the new class predictor starts untrained: it must learn
-            for branch in model.model[-1].cv3:
-                for p in branch[-1].parameters():
-                    p.requires_grad_(True)
+        config_class = peft_config_class(cfg.peft)
+        accepted = {f.name for f in dataclasses.fields(config_class)} if config_class else set()
+        settings: dict[str, Any] = {"rank": cfg.rank} if "rank" in accepted else {}
+        if cfg.alpha is not None and "alpha" in accepted:
+            settings["alpha"] = cfg.alpha
+        if cfg.new_classes:  # the new class predictor starts untrained: it must learn fully
+            if "train_class_branch" not in accepted:
+                raise ConfigError(f"PEFT method {cfg.peft!r} cannot train a new class predictor; "
+                                  "use lora, dora, bitfit or adapters with new_classes, or keep the base's classes")
+            settings["train_class_branch"] = True
+        settings.update(cfg.peft_settings)
+        model = apply_peft(model, cfg.peft, **settings) or model
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"PEFT method {cfg.peft!r} with these settings left nothing trainable; widen its targets")
     return model

@@ -18,7 +18,9 @@ class AugmentConfig:
     fliplr: chance of a horizontal flip. brightness / contrast / saturation / hue: ColorJitter ranges.
     scale: (min, max) zoom of the random affine; translate: max shift as a share of the side;
     degrees: max rotation (boxes become the box of the rotated box). min_box: boxes smaller than this
-    many pixels on a side after the transform are dropped with their labels.
+    many pixels on a side after the transform are dropped with their labels. mosaic: chance that a
+    sample is a 2x2 mosaic of itself and three random others (each letterboxed to half size) before
+    the transforms above; 0 (off) by default.
     """
 
     fliplr: float = 0.5
@@ -30,6 +32,7 @@ class AugmentConfig:
     translate: float = 0.1
     degrees: float = 0.0
     min_box: float = 2.0
+    mosaic: float = 0.0
 
 
 class DetectionAugment:

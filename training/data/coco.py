@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from models.errors import DataError
 from models.io import atomic_write_json
@@ -62,7 +63,10 @@ class CocoDataset(DetectionDataset):
                 found.append(DataProblem(str(im_file), 0, "image file is missing"))
             elif check_images and (bad := check_image(im_file)) is not None:
                 found.append(bad)
-            W, H = float(im.get("width", 0)), float(im.get("height", 0))
+            W, H = float(im.get("width") or 0), float(im.get("height") or 0)
+            if (not W or not H) and not found:  # sizes are optional in some exports: read the header
+                with Image.open(im_file) as pil:
+                    W, H = float(pil.size[0]), float(pil.size[1])
             cls, boxes = [], []
             for ann in by_image[im["id"]]:
                 tag = f"annotation {ann.get('id')} (image {im['file_name']})"
@@ -91,8 +95,6 @@ class CocoDataset(DetectionDataset):
 
 def write_coco(dataset: DetectionDataset, out: str | Path, *, image_root: str | Path | None = None) -> Path:
     """Write ``dataset``'s labels as a COCO json (``file_name`` relative to ``image_root``, default the json's folder)."""
-    from PIL import Image
-
     out = Path(out)
     root = Path(image_root) if image_root else out.parent
     images, anns = [], []

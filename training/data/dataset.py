@@ -122,15 +122,40 @@ class DetectionDataset(torch.utils.data.Dataset):
         xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
         return xyxy.astype(np.float32)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def _letterboxed(self, i: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, LetterboxInfo, np.ndarray]:
+        """Record ``i`` letterboxed to ``size``: image, classes, boxes (input pixels), info, boxes (original pixels)."""
         r = self.records[i]
         image = load_image(r.im_file)
-        h, w = image.shape[:2]
-        orig = self.to_pixels(r, h, w)
-        boxed, info = letterbox(image, self.imgsz)
+        orig = self.to_pixels(r, *image.shape[:2])
+        boxed, info = letterbox(image, size)
         boxes = orig * info.ratio + np.array([info.pad_x, info.pad_y, info.pad_x, info.pad_y], np.float32)
+        return boxed, r.cls.astype(np.int64), boxes.astype(np.float32), info, orig
+
+    def _mosaic(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, LetterboxInfo, np.ndarray]:
+        """Sample ``i`` and three random others, each letterboxed to half size, in a 2x2 grid."""
+        S, half = self.imgsz, self.imgsz // 2
+        others = torch.randint(len(self), (3,)).tolist()
+        canvas = np.full((S, S, 3), 114, np.uint8)
+        all_cls, all_boxes = [], []
+        for (ox, oy), j in zip([(0, 0), (half, 0), (0, half), (half, half)], [i, *others]):
+            img, cls, boxes, _, _ = self._letterboxed(j, half)
+            canvas[oy : oy + half, ox : ox + half] = img
+            all_cls.append(cls)
+            all_boxes.append(boxes + np.array([ox, oy, ox, oy], np.float32))
+        info = LetterboxInfo(1.0, 0.0, 0.0, S, S, S, S)
+        boxes = np.concatenate(all_boxes)
+        return canvas, np.concatenate(all_cls), boxes, info, boxes.copy()
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.records[i]
+        cfg = self.augment.config if self.augment is not None else None
+        if cfg is not None and cfg.mosaic > 0 and float(torch.rand(())) < cfg.mosaic:
+            boxed, cls_np, boxes, info, orig = self._mosaic(i)
+        else:
+            boxed, cls_np, boxes, info, orig = self._letterboxed(i, self.imgsz)
+        h, w = info.orig_h, info.orig_w
         img = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))
-        cls = torch.from_numpy(r.cls.astype(np.int64))
+        cls = torch.from_numpy(cls_np)
         boxes_t = torch.from_numpy(boxes.astype(np.float32))
         if self.augment is not None:
             img, boxes_t, cls = self.augment(img, boxes_t, cls)
@@ -146,7 +171,7 @@ class DetectionDataset(torch.utils.data.Dataset):
             "img": img.contiguous(),
             "cls": cls.float().view(-1, 1),
             "bboxes": cxcywh.view(-1, 4),
-            "im_file": str(r.im_file),
+            "im_file": str(r.im_file),  # a mosaic names its first image; its orig_xyxy are mosaic pixels
             "ori_shape": (h, w),
             "letterbox": info,
             "orig_xyxy": torch.from_numpy(orig).view(-1, 4),
@@ -184,12 +209,13 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build_dataset(data: str | Path | dict, split: str = "train", imgsz: int = 320, augment: bool | AugmentConfig = False,
                   *, strict: bool = True, check_images: bool = True) -> DetectionDataset:
-    """A dataset for ``split`` of a ``data.yaml`` (YOLO; a split may also be a COCO ``.json``) or of a COCO json file."""
+    """A dataset for ``split`` of a ``data.yaml`` (or its folder; a split may also be a COCO ``.json``) or of a COCO json file."""
     from training.data.coco import CocoDataset
-    from training.data.yolo import read_data_yaml
-    from training.data.yolo import YoloDataset
+    from training.data.yolo import YoloDataset, read_data_yaml
 
     kw = dict(imgsz=imgsz, augment=augment, strict=strict, check_images=check_images)
+    if isinstance(data, (str, Path)) and Path(data).is_dir():
+        data = Path(data) / "data.yaml"  # a dataset folder as generate_dataset writes it
     if isinstance(data, (str, Path)) and Path(data).suffix.lower() == ".json":
         return CocoDataset(Path(data), **kw)
     cfg = data if isinstance(data, dict) else read_data_yaml(data)

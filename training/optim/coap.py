@@ -37,6 +37,8 @@ class COAPAdamW(ProjectedAdamW):
         proj_lr: size of the projection's correlation-aware gradient step (~0.1).
         block_size: values per absmax scale in 8-bit mode.
         seed: seeds the randomised SVD (with the parameter's index); saved in the state.
+        transfer_moments: when the projection moves, carry the first moment into the new basis
+            (``M ← M P_old P_newᵀ``, an r×r product); the second moment is kept as it is.
 
     Example:
         >>> opt = COAPAdamW(model.parameters(), lr=1e-3, rank_ratio_cnn=8, update_interval=32)
@@ -62,12 +64,13 @@ class COAPAdamW(ProjectedAdamW):
         proj_lr: float = 0.1,
         block_size: int = DEFAULT_BLOCK_SIZE,
         seed: int = 0,
+        transfer_moments: bool = True,
     ):
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
             rank_ratio_matrix=rank_ratio_matrix, rank_ratio_cnn=rank_ratio_cnn, update_interval=update_interval,
             reproject_factor=reproject_factor, eight_bit=eight_bit, scale=scale, min_numel=min_numel,
-            proj_lr=proj_lr, block_size=block_size, seed=seed,
+            proj_lr=proj_lr, block_size=block_size, seed=seed, transfer_moments=transfer_moments,
         )  # fmt: skip
 
     @staticmethod
@@ -84,21 +87,24 @@ class COAPAdamW(ProjectedAdamW):
             state["proj"] = proj.rsvd_right(g, r, generator=self._generator(state))
             return
         what = self._schedule(step, group)
+        old = state["proj"]
         if what == "reproject":
-            state["proj"] = proj.rsvd_right(g, r, warm=state["proj"], generator=self._generator(state))
+            state["proj"] = proj.rsvd_right(g, r, warm=old, generator=self._generator(state))
         elif what == "correlate":
-            state["proj"] = proj.correlation_step_matrix(g, state["proj"], exp_avg, lr=group["proj_lr"])
+            state["proj"] = proj.correlation_step_matrix(g, old, exp_avg, lr=group["proj_lr"])
+        if what is not None and group["transfer_moments"]:
+            exp_avg.copy_(proj.matrix_transfer(exp_avg, old, state["proj"]))
 
     def _refresh_tucker(self, g, state, group, step, core_avg, ranks):
         if "proj_out" not in state:
             state["proj_out"], state["proj_in"] = proj.tucker_factors(g, ranks, generator=self._generator(state))
             return
         what = self._schedule(step, group)
+        old = (state["proj_out"], state["proj_in"])
         if what == "reproject":
-            warm = (state["proj_out"], state["proj_in"])
-            state["proj_out"], state["proj_in"] = proj.tucker_factors(g, ranks, warm=warm, generator=self._generator(state))
+            state["proj_out"], state["proj_in"] = proj.tucker_factors(g, ranks, warm=old, generator=self._generator(state))
         elif what == "correlate":
-            state["proj_out"], state["proj_in"] = proj.correlation_step_tucker(
-                g, state["proj_out"], state["proj_in"], core_avg, lr=group["proj_lr"]
-            )
+            state["proj_out"], state["proj_in"] = proj.correlation_step_tucker(g, *old, core_avg, lr=group["proj_lr"])
+        if what is not None and group["transfer_moments"]:
+            core_avg.copy_(proj.tucker_transfer(core_avg, old, (state["proj_out"], state["proj_in"])))
 

@@ -68,6 +68,7 @@ class ProjectedAdamW(Optimizer):
         proj_lr: float = 0.1,
         block_size: int = DEFAULT_BLOCK_SIZE,
         seed: int = 0,
+        transfer_moments: bool = False,
     ):
         params = list(params)
         _check(len(params) > 0, f"{type(self).__name__} got an empty parameter list; pass the model's trainable parameters")
@@ -76,6 +77,7 @@ class ProjectedAdamW(Optimizer):
             rank_ratio_matrix=rank_ratio_matrix, rank_ratio_cnn=rank_ratio_cnn,
             update_interval=update_interval, reproject_factor=reproject_factor, eight_bit=eight_bit,
             scale=scale, min_numel=min_numel, proj_lr=proj_lr, block_size=block_size, seed=seed,
+            transfer_moments=bool(transfer_moments),
         )  # fmt: skip
         self._validate(defaults)
         super().__init__(params, defaults)

@@ -85,6 +85,18 @@ def tucker_back(core: torch.Tensor, u0: torch.Tensor, u1: torch.Tensor) -> torch
     return torch.einsum("rskl,or,is->oikl", core, u0, u1)
 
 
+def matrix_transfer(r: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Re-express ``R`` (m×r, coordinates in ``old``'s rows) in ``new``'s rows: ``R · old · newᵀ``."""
+    return r @ (old @ new.T)
+
+
+def tucker_transfer(
+    core: torch.Tensor, old: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Re-express a Tucker core from the ``old`` factors in the ``new`` ones (two small r×r changes of basis)."""
+    return torch.einsum("rskl,ra,sb->abkl", core, old[0].T @ new[0], old[1].T @ new[1])
+
+
 def unfold(g: torch.Tensor, mode: int) -> torch.Tensor:
     """Mode-``mode`` unfolding of a 4-D tensor: ``dim_mode × (rest)``."""
     return g.movedim(mode, 0).reshape(g.shape[mode], -1)

@@ -30,6 +30,7 @@ class CameraWarp:
         v, u = np.mgrid[0:size, 0:size].astype(np.float64)
         self.map_x, self.map_y = self.inverse(u, v) if not self.identity else (u, v)
         self._c = c
+        self._taps = self._nearest = None
 
     def inverse(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scene coordinates sampled by output pixel centres ``(u, v)``."""
@@ -52,30 +53,47 @@ class CameraWarp:
         x, y = self.inverse(u, v)
         return list(zip(x.tolist(), y.tolist()))
 
+    def _bilinear_taps(self):
+        """Flat indices of the four neighbours and the weights of every output pixel (computed once)."""
+        if getattr(self, "_taps", None) is None:
+            n = self.size
+            x = np.clip(self.map_x, 0, n - 1)
+            y = np.clip(self.map_y, 0, n - 1)
+            x0 = np.minimum(x.astype(np.int64), n - 2)
+            y0 = np.minimum(y.astype(np.int64), n - 2)
+            wx = (x - x0).astype(np.float32).reshape(-1, 1)
+            wy = (y - y0).astype(np.float32).reshape(-1, 1)
+            base = (y0 * n + x0).reshape(-1)
+            self._taps = (base, wx, wy)
+        return self._taps
+
     def warp_image(self, image: np.ndarray, nearest: bool = False) -> np.ndarray:
         if self.identity:
             return image
         if nearest:
             return self.warp_labels(image)
-        h, w = image.shape[:2]
-        x = np.clip(self.map_x, 0, w - 1)
-        y = np.clip(self.map_y, 0, h - 1)
-        x0 = np.minimum(x.astype(np.int64), w - 2)
-        y0 = np.minimum(y.astype(np.int64), h - 2)
-        wx = (x - x0)[..., None].astype(np.float32)
-        wy = (y - y0)[..., None].astype(np.float32)
-        img = image.astype(np.float32)
-        top = img[y0, x0] * (1 - wx) + img[y0, x0 + 1] * wx
-        bot = img[y0 + 1, x0] * (1 - wx) + img[y0 + 1, x0 + 1] * wx
-        return np.clip(top * (1 - wy) + bot * wy + 0.5, 0, 255).astype(np.uint8)
+        n = self.size
+        base, wx, wy = self._bilinear_taps()
+        flat = image.reshape(-1, image.shape[2])
+        a = flat[base].astype(np.float32)
+        b = flat[base + 1].astype(np.float32)
+        c = flat[base + n].astype(np.float32)
+        d = flat[base + n + 1].astype(np.float32)
+        top = a + (b - a) * wx
+        out = top + (c + (d - c) * wx - top) * wy
+        out += 0.5
+        return out.clip(0, 255).astype(np.uint8).reshape(image.shape)
 
     def warp_labels(self, labels: np.ndarray) -> np.ndarray:
         if self.identity:
             return labels
-        h, w = labels.shape[:2]
-        x = np.clip(np.rint(self.map_x).astype(np.int64), 0, w - 1)
-        y = np.clip(np.rint(self.map_y).astype(np.int64), 0, h - 1)
-        return labels[y, x]
+        if getattr(self, "_nearest", None) is None:
+            n = self.size
+            x = np.clip(np.rint(self.map_x).astype(np.int64), 0, n - 1)
+            y = np.clip(np.rint(self.map_y).astype(np.int64), 0, n - 1)
+            self._nearest = (y * n + x).reshape(-1)
+        flat = labels.reshape(labels.shape[0] * labels.shape[1], -1)
+        return flat[self._nearest].reshape(labels.shape)
 
 
 def motion_blur(image: np.ndarray, length: float, angle_deg: float) -> np.ndarray:

@@ -113,9 +113,11 @@ def _rng(seed: int, domain: str, index: int, stream: int) -> np.random.Generator
 
 def _draw(parts: list[Part], size: float, angle: float, cx: float, cy: float, draws, colors) -> None:
     """Rasterise ``parts`` into each ``ImageDraw`` with its colour (``None`` = the part's own colour)."""
+    pts = transform(np.concatenate([p.points for p in parts]), size, angle, cx, cy).tolist()
+    start = 0
     for part in parts:
-        pts = transform(part.points, size, angle, cx, cy)
-        flat = [tuple(p) for p in pts.tolist()]
+        flat = [tuple(p) for p in pts[start : start + len(part.points)]]
+        start += len(part.points)
         for draw, color in zip(draws, colors):
             fill = part.color if color is None else color
             if part.width > 0:
