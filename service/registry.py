@@ -45,6 +45,7 @@ class ModelRecord:
     memory: dict[str, Any] | None = None
     export: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
     onnx_metadata: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -88,3 +88,15 @@ def yolo_batch(n: int = 2, imgsz: int = 64, seed: int = 0):
         "bboxes": torch.cat([xy, wh], 1),
     }
     return imgs, batch
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread: these small ops run far slower with 2 threads on a shared, oversubscribed CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

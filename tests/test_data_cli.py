@@ -12,7 +12,7 @@ def test_synth_check_and_to_coco(tmp_path, capsys):
     out = tmp_path / "ego"
     assert main(["data", "synth", "--domain", "egocentric", "--n", "5", "--imgsz", "64", "--seed", "1", "--out", str(out),
                  "--quiet", "--hands", "2", "--jpeg", "0"]) == 0
-    assert "wrote 5 egocentric images" in capsys.readouterr().out
+    assert "5 egocentric images (64px) ready" in capsys.readouterr().out
     data = out / "data.yaml"
     assert "hands: 2.0" in data.read_text() and "jpeg: 0.0" in data.read_text()
     assert len(build_dataset(data, "train", imgsz=64)) == 4

@@ -50,6 +50,8 @@ def test_missing_image(tmp_path):
 
 
 def test_unreadable_image(tmp_path):
+    import ultralytics.utils.patches  # noqa: F401 - it wraps PIL's Image.open; a bad file must still be a DataError
+
     data = _list_dataset(tmp_path, "images/train/junk.png")
     (tmp_path / "images/train/junk.png").write_bytes(b"this is not an image at all")
     with pytest.raises(DataError, match=r"junk\.png: image cannot be decoded"):

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_fixtures import TinyNet, clone_model, regression_problem, roundtrip_state, tiny_batch, train_steps
+from optim_fixtures import (  # noqa: F401  (single_thread is a fixture)
+    TinyNet,
+    clone_model,
+    regression_problem,
+    roundtrip_state,
+    single_thread,
+    tiny_batch,
+    train_steps,
+)
 from torch import nn
 
 from models.errors import ConfigError
 from training.optim import AdamW8bit, COAPAdamW, GaLoreAdamW, build_optimizer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROJECTED = dict(min_numel=0, update_interval=2, reproject_factor=2)
 
@@ -98,11 +108,13 @@ def _fit(name, steps=300, **kw):
 
 
 def test_regression_loss_stays_close_to_adamw_with_galore_beside():
-    """Tolerance: the final loss within 5% of the initial loss of AdamW's, and no worse than 1.25× GaLore's.
+    """Tolerance: final loss within 5% of the initial loss of AdamW's, the curve within 8% after step 100,
+    and no worse than 1.25× GaLore's.
 
     At rank ratio 2 half of each gradient's directions are dropped between projection
     updates, so COAP converges more slowly than AdamW on this small full-rank problem
-    (300 steps: AdamW 0.041, COAP 0.128, GaLore 0.147 from 3.39); what must hold is that it
+    (300 steps from 3.39: AdamW 0.041, COAP 0.117, COAP-8bit 0.108, GaLore 0.147; the largest
+    gap to AdamW's curve after step 100 is 3.5% of the initial loss); what must hold is that it
     tracks AdamW's curve to a small fraction of the loss scale and is at least as good as GaLore.
     """
     low = dict(rank_ratio_matrix=2, min_numel=0)
@@ -114,7 +126,7 @@ def test_regression_loss_stays_close_to_adamw_with_galore_beside():
     for curve in (coap, coap8):
         assert abs(curve[-1] - adamw[-1]) <= 0.05 * scale
         assert curve[-1] <= 1.25 * galore[-1]
-        assert max(abs(a - c) for a, c in zip(adamw[100:], curve[100:])) <= 0.15 * scale
+        assert max(abs(a - c) for a, c in zip(adamw[100:], curve[100:])) <= 0.08 * scale
 
 
 @pytest.mark.parametrize(

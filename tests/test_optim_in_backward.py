@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_fixtures import TinyNet, clone_model, roundtrip_state, tiny_batch, train_steps
+from optim_fixtures import TinyNet, clone_model, roundtrip_state, single_thread, tiny_batch, train_steps  # noqa: F401
 
 from models.errors import ConfigError, NotFoundError
 from training.optim import (
@@ -15,6 +15,8 @@ from training.optim import (
     list_optimizers,
     optimizer_in_backward,
 )
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("name,kw", [("adamw", {}), ("coap", {"min_numel": 0, "rank": 2, "update_interval": 2})])

@@ -4,6 +4,7 @@ the finished job exports, verifies and registers its model; failures are recorde
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -67,7 +68,7 @@ def test_stop_resume_export_register(home):
     assert done.memory["total"] > 0 and "map50" in done.metrics
     log = job_log_path(settings, job.id).read_text()
     assert "resumed" in log and "registered model tiny-job" in log
-    steps_logged = [int(line.split(" step ")[1].split("/")[0]) for line in log.splitlines() if " INFO step step " in line]
+    steps_logged = [int(m) for m in re.findall(r"INFO \[(\d+)/3\] step ", log)]
     assert steps_logged == [1, 2, 3]  # the resumed run went on from step 1, it did not start over
 
     record = ModelRegistry(settings.models_dir).get("tiny-job")
@@ -76,6 +77,22 @@ def test_stop_resume_export_register(home):
     from export.runtime import Detector
 
     assert isinstance(Detector(record.path).detect(__import__("numpy").zeros((50, 70, 3), "uint8")), list)
+
+
+def test_cancelling_a_running_job_stops_it_at_the_next_step(home):
+    from training.data.synthetic import generate_dataset
+
+    settings = make_settings(home)
+    data_yaml = generate_dataset(home / "data" / "ego", domain="egocentric", n=8, imgsz=IMGSZ, seed=0,
+                                 val_fraction=0.25)
+    store = JobStore(settings.db_path)
+    _queue(store, settings, data_yaml, steps=500, train_settings={"log_every": 1, "eval_every": 0})
+    job = store.claim_next(worker_pid=1)
+    store.request_cancel(job.id)  # what POST /v1/jobs/{id}/cancel does to a running job
+    assert run_job(job, settings, store, lambda: False) == "cancelled"
+    cancelled = store.get(job.id)
+    assert cancelled.state == "cancelled" and cancelled.step == 1 and cancelled.model_id is None
+    assert not ModelRegistry(settings.models_dir).exists("tiny-job")
 
 
 def test_a_bad_dataset_fails_the_job_with_its_message(home):

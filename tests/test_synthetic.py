@@ -88,6 +88,17 @@ def test_effect_knobs_are_validated(tmp_path):
         generate_dataset(tmp_path / "full", n=2)
 
 
+def test_same_arguments_reuse_the_folder_other_arguments_need_overwrite(tmp_path):
+    data = generate_dataset(tmp_path / "d", "source", n=3, imgsz=64, seed=1)
+    stamp = data.stat().st_mtime_ns
+    assert generate_dataset(tmp_path / "d", "source", n=3, imgsz=64, seed=1) == data
+    assert data.stat().st_mtime_ns == stamp  # not rewritten
+    with pytest.raises(ConfigError, match="not empty"):
+        generate_dataset(tmp_path / "d", "source", n=3, imgsz=64, seed=2)
+    generate_dataset(tmp_path / "d", "source", n=4, imgsz=64, seed=2, overwrite=True)
+    assert len(list((tmp_path / "d/images").rglob("*.png"))) == 4
+
+
 def test_domains_differ_in_the_expected_way():
     src = [render_sample(i, seed=0, domain="source", imgsz=96) for i in range(20)]
     ego = [render_sample(i, seed=0, domain="egocentric", imgsz=96) for i in range(20)]
@@ -95,3 +106,12 @@ def test_domains_differ_in_the_expected_way():
     assert area(ego) > area(src)  # close-up objects
     assert np.mean([s.visibility.mean() for s in src if len(s.boxes)]) > np.mean([s.visibility.mean() for s in ego if len(s.boxes)])
     assert all(len(s.boxes) for s in src)
+
+
+def test_render_frame_any_size():
+    from training.data.synthetic import render_frame
+
+    frame = render_frame(width=120, height=90, seed=3)
+    assert frame.shape == (90, 120, 3) and frame.dtype == np.uint8
+    assert np.array_equal(frame, render_frame(width=120, height=90, seed=3))
+    assert np.array_equal(frame, render_sample(0, seed=3, domain="egocentric", imgsz=120).image[15:105])

@@ -34,7 +34,8 @@ def add_parser(sub, name: str, help_text: str) -> None:
     synth.add_argument("--val-fraction", type=float, default=0.2, help="share of images in the val split (default: 0.2)")
     synth.add_argument("--format", choices=("png", "jpg"), default="png", help="image file format (default: png, lossless)")
     synth.add_argument("--out", required=True, help="output folder (must be empty or new)")
-    synth.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output folder (one generated with the same arguments is reused as it is)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     effects = synth.add_argument_group("effect strengths")
     for effect in Effects.names():
@@ -70,8 +71,8 @@ def run_synth(args) -> int:
                             val_fraction=args.val_fraction, image_format=args.format, overwrite=args.overwrite,
                             progress=not args.quiet, **overrides)
     seconds = time.perf_counter() - start
-    print(f"wrote {args.n} {args.domain} images ({args.imgsz}px) to {data.parent} in {seconds:.1f}s "
-          f"({args.n / max(seconds, 1e-9):.0f} img/s); dataset file: {data}")
+    print(f"{args.n} {args.domain} images ({args.imgsz}px) ready in {data.parent} after {seconds:.1f}s; "
+          f"dataset file: {data}")
     return 0
 
 

@@ -27,7 +27,6 @@ from service.registry import ModelRegistry
 _STEP_KEYS = ("step", "global_step")
 _TOTAL_KEYS = ("total_steps", "max_steps", "total")
 _CANCEL_POLL_SECONDS = 0.5
-_CALIBRATION_IMAGES = 32
 
 
 def _as_dict(event: Any) -> dict[str, Any]:
@@ -75,8 +74,8 @@ class JobProgress:
         self.store.update_progress(self.job_id, step=step, total_steps=total, metrics=metrics, memory=memory)
         kind = data.get("event") or data.get("kind") or data.get("type") or type(event).__name__
         shown = " ".join(f"{k}={v:.5g}" for k, v in metrics.items())
-        where = "" if step is None else f" step {step}" + (f"/{total}" if total else "")
-        self.log.info("%s%s %s", kind, where, shown)
+        where = "" if step is None else f"[{step}/{total}] " if total else f"[{step}] "
+        self.log.info("%s%s %s", where, kind, shown)
 
 
 class StopCheck:
@@ -138,14 +137,6 @@ def _final_metrics(result: Any, run_dir: Path) -> dict[str, Any]:
     return _jsonable(summary.get("metrics", summary))
 
 
-def _calibration_images(data_yaml: str, limit: int = _CALIBRATION_IMAGES) -> list[str]:
-    """Image files of the job's dataset, for int8 calibration."""
-    from training.data import build_dataset
-
-    ds = build_dataset(data_yaml, split="train", augment=False)
-    return [str(ds[i]["im_file"]) for i in range(min(limit, len(ds)))]
-
-
 def _has_checkpoint(run_dir: Path) -> bool:
     from training.checkpoint import find_checkpoint
 
@@ -194,7 +185,7 @@ def run_job(job: Job, settings: Settings, store: JobStore, worker_stop: Callable
         from service.jobs.exporting import export_for_registry
 
         onnx_tmp = job_dir(settings, job.id) / "export" / "model.onnx"
-        calibration = _calibration_images(job.spec["data_yaml"]) if export.get("int8") else None
+        calibration = job.spec["data_yaml"] if export.get("int8") else None
         info = export_for_registry(
             run_dir, onnx_tmp, imgsz=request.get("imgsz"), opset=export.get("opset"), half=bool(export.get("half")),
             verify=export.get("verify", True), int8_calibration=calibration,
@@ -204,6 +195,7 @@ def run_job(job: Job, settings: Settings, store: JobStore, worker_stop: Callable
             model_id, onnx_tmp, move=True, source=f"job {job.id}", job_id=job.id,
             base_model=request.get("base_model"), classes=info.get("classes"), imgsz=info.get("imgsz"),
             metrics=metrics, memory=memory, export=info.get("export", {}), verification=info.get("verification"),
+            quantization=info.get("quantization"),
         )
         store.finish(job.id, "succeeded", model_id=model_id)
         log.info("registered model %s; job succeeded", model_id)

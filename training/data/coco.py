@@ -12,11 +12,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from models.errors import DataError
 from models.io import atomic_write_json
-from training.data.dataset import DataProblem, DetectionDataset, Record, check_image
+from training.data.dataset import DataProblem, DetectionDataset, Record, check_image, pil_open
 
 
 def _find_image(name: str, roots: list[Path]) -> Path:
@@ -65,8 +64,11 @@ class CocoDataset(DetectionDataset):
                 found.append(bad)
             W, H = float(im.get("width") or 0), float(im.get("height") or 0)
             if (not W or not H) and not found:  # sizes are optional in some exports: read the header
-                with Image.open(im_file) as pil:
-                    W, H = float(pil.size[0]), float(pil.size[1])
+                try:
+                    with pil_open(im_file) as pil:
+                        W, H = float(pil.size[0]), float(pil.size[1])
+                except (OSError, SyntaxError, ValueError) as exc:
+                    found.append(DataProblem(str(im_file), 0, f"image cannot be decoded ({exc}); replace or remove it"))
             cls, boxes = [], []
             for ann in by_image[im["id"]]:
                 tag = f"annotation {ann.get('id')} (image {im['file_name']})"
@@ -99,7 +101,7 @@ def write_coco(dataset: DetectionDataset, out: str | Path, *, image_root: str | 
     root = Path(image_root) if image_root else out.parent
     images, anns = [], []
     for i, r in enumerate(dataset.records):
-        with Image.open(r.im_file) as im:
+        with pil_open(r.im_file) as im:
             w, h = im.size
         try:
             name = str(Path(r.im_file).resolve().relative_to(root.resolve()))

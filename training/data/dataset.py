@@ -14,6 +14,7 @@ usable image is always an error.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,23 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def pil_open(path: Path):
+    """PIL's own ``Image.open``.
+
+    Importing ultralytics replaces ``Image.open`` with a wrapper that, for a file PIL cannot
+    identify, runs ``check_requirements("pi-heif")`` (a pip install when online). A corrupt
+    file must become a DataError here, never an install, so the wrapper is bypassed.
+    """
+    opener = Image.open
+    if getattr(opener, "__module__", "PIL.Image") != "PIL.Image":
+        opener = getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", opener)
+    return opener(path)
+
+
 def load_image(path: Path) -> np.ndarray:
     """The image as HxWx3 uint8 RGB; a missing, unreadable or truncated file raises :class:`DataError`."""
     try:
-        with Image.open(path) as im:
+        with pil_open(path) as im:
             im.load()
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:

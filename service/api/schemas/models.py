@@ -19,7 +19,8 @@ _EXAMPLE = {
     "metrics": {},
     "memory": None,
     "export": {"verify": True},
-    "verification": {"max_abs_diff": 1.2e-05},
+    "verification": {"passed": True, "max_abs_diff": 1.2e-05},
+    "quantization": None,
     "onnx_metadata": {},
     "loaded": True,
     "default": True,
@@ -43,6 +44,7 @@ class ModelOut(BaseModel):
     memory: dict[str, Any] | None = None
     export: dict[str, Any] = Field(default_factory=dict)
     verification: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = Field(None, description="int8 report (size, mAP change) when quantized")
     onnx_metadata: dict[str, str] = Field(default_factory=dict)
     loaded: bool = Field(False, description="an inference session for it is open")
     default: bool = Field(False, description="used when a detect request names no model")

@@ -297,3 +297,14 @@ def render_sample(
         instance_ids=np.asarray(inst, np.int64),
         visibility=np.asarray(vis, np.float32),
     )
+
+
+def render_frame(width: int = 640, height: int = 480, seed: int = 0, domain: str = "egocentric", index: int = 0) -> np.ndarray:
+    """One ``height x width x 3`` uint8 RGB frame without labels (e.g. to send to the HTTP service).
+
+    Rendered square at the longer side and centre-cropped to the shorter one.
+    """
+    side = max(int(width), int(height))
+    image = render_sample(index, seed=seed, domain=domain, imgsz=side).image
+    top, left = (side - height) // 2, (side - width) // 2
+    return np.ascontiguousarray(image[top : top + height, left : left + width])

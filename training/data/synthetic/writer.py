@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import yaml
 from PIL import Image
 from tqdm import tqdm
 
@@ -26,6 +27,14 @@ def encode_image(image, fmt: str) -> bytes:
     else:
         Image.fromarray(image).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
+
+
+def _existing_recipe(out: Path) -> dict | None:
+    try:
+        cfg = yaml.safe_load((out / "data.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return cfg.get("synthetic") if isinstance(cfg, dict) else None
 
 
 def generate_dataset(
@@ -49,7 +58,8 @@ def generate_dataset(
     ``generate_dataset(d, "egocentric", hands=0, jpeg=0.5)``. The dataset is written
     to a temporary folder next to ``out_dir`` and renamed into place when complete,
     so an interrupted run leaves nothing half-written. The same arguments give
-    byte-identical files.
+    byte-identical files, so a folder already generated with the same arguments is
+    returned as it is; any other non-empty folder needs ``overwrite=True``.
     """
     if domain not in DOMAINS:
         raise ConfigError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
@@ -60,8 +70,14 @@ def generate_dataset(
     if image_format not in IMAGE_FORMATS:
         raise ConfigError(f"image_format={image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}")
     effects = Effects.for_domain(domain, **effect_strengths)
+    recipe = {"domain": domain, "n": n, "imgsz": imgsz, "seed": seed, "val_fraction": val_fraction,
+              "image_format": image_format, "effects": effects.to_dict()}
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} is a file; give a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
+        if _existing_recipe(out) == recipe:
+            return out / "data.yaml"  # already generated with these exact arguments: the files would be identical
         raise ConfigError(f"output folder {out} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
     n_val = int(round(n * val_fraction))
@@ -80,8 +96,7 @@ def generate_dataset(
             (tmp / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
         write_data_yaml(
             tmp / "data.yaml", root=out.resolve(), train="images/train", val="images/val", names=CLASS_NAMES,
-            extra={"synthetic": {"domain": domain, "n": n, "imgsz": imgsz, "seed": seed, "val_fraction": val_fraction,
-                                 "effects": effects.to_dict()}},
+            extra={"synthetic": recipe},
         )
         if out.exists():
             shutil.rmtree(out)

@@ -1,0 +1,210 @@
+"""int8 (static, QDQ, calibrated on real frames) and fp16 versions of an exported detector.
+
+    >>> from export import quantize_onnx
+    >>> report = quantize_onnx("kitchen.onnx", "kitchen.int8.onnx", calibration="data.yaml", dataset="data.yaml")
+    >>> report.size_bytes, report.latency_ms, report.map50_95_change
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from models.errors import ConfigError, DataError, ExportError
+from models.io import atomic_write_bytes
+from models.processing import preprocess
+
+from export.runtime import Detector, load_image
+
+MODES = ("int8-static", "fp16")
+
+
+@dataclass
+class QuantizeReport:
+    """Size, speed and accuracy of a quantized file next to the float one it came from."""
+
+    mode: str
+    path: str
+    size_bytes: int
+    base_size_bytes: int
+    latency_ms: float | None = None
+    base_latency_ms: float | None = None
+    threads: int = 1
+    calibration_images: int = 0
+    excluded_nodes: int = 0
+    metrics: dict[str, Any] | None = None
+    base_metrics: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.size_bytes / self.base_size_bytes
+
+    @property
+    def latency_ratio(self) -> float | None:
+        return self.latency_ms / self.base_latency_ms if self.latency_ms and self.base_latency_ms else None
+
+    @property
+    def map50_95_change(self) -> float | None:
+        """mAP50-95 of the quantized file minus the float file's, in points (x100)."""
+        if not self.metrics or not self.base_metrics:
+            return None
+        return 100.0 * (self.metrics["map50_95"] - self.base_metrics["map50_95"])
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("metrics", "base_metrics"):
+            if out[key]:
+                out[key] = {k: v for k, v in out[key].items() if k != "per_class"}
+        return {**out, "size_ratio": self.size_ratio, "latency_ratio": self.latency_ratio,
+                "map50_95_change": self.map50_95_change}
+
+
+def calibration_frames(calibration: Any, limit: int) -> list[Any]:
+    """Frames from a data.yaml / COCO json (its train split, else val) or a list of images / a folder of them."""
+    if calibration is None or (isinstance(calibration, (list, tuple)) and not calibration):
+        raise ConfigError("int8-static quantization needs calibration frames from the target domain: "
+                          "pass a data.yaml (--calib data.yaml) or a list of images")
+    if isinstance(calibration, (str, os.PathLike)):
+        path = Path(calibration)
+        if not path.exists():
+            raise ConfigError(f"calibration set {path} does not exist; pass a data.yaml, a COCO json or a folder of images")
+        if path.is_dir() and not (path / "data.yaml").is_file():
+            frames = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
+        else:
+            from training.data import build_dataset
+
+            frames = []
+            for split in ("train", "val"):
+                try:
+                    frames = [r.im_file for r in build_dataset(path, split=split, check_images=False).records]
+                except DataError:
+                    continue
+                if frames:
+                    break
+        if not frames:
+            raise ConfigError(f"no calibration images found in {path}")
+        calibration = frames
+    frames = list(calibration)
+    step = max(1, len(frames) // limit)  # spread the calibration subset over the whole set
+    return frames[::step][:limit]
+
+
+class _FrameReader:
+    """onnxruntime's CalibrationDataReader over preprocessed frames."""
+
+    def __init__(self, frames: Sequence[Any], imgsz: tuple[int, int], input_name: str):
+        self.frames, self.imgsz, self.input_name = frames, imgsz, input_name
+        self._it: Iterator[Any] | None = None
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._it is None:
+            self._it = iter(self.frames)
+        frame = next(self._it, None)
+        if frame is None:
+            return None
+        return {self.input_name: preprocess(load_image(frame), self.imgsz)[0]}
+
+    def rewind(self) -> None:
+        self._it = None
+
+
+def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_head_float: bool, per_channel: bool) -> int:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import onnx
+
+    proto = onnx.load(str(src))
+    head = det.metadata.get("head_layer", "")
+    exclude = [n.name for n in proto.graph.node if keep_head_float and head and n.name.startswith(f"/model.{head}/")]
+    with tempfile.TemporaryDirectory() as tmp:
+        prepped = Path(tmp) / "prepped.onnx"
+        try:
+            quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
+        except Exception:  # pre-processing is an optimisation; quantize the file as it is if it fails
+            prepped = src
+        quantize_static(
+            str(prepped), str(dst), _FrameReader(frames, det.imgsz, det.input_name),
+            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+            extra_options={"CalibMovingAverage": False},
+        )
+    return len(exclude)
+
+
+def quantize_onnx(
+    onnx_path: str | Path,
+    out: str | Path,
+    calibration: Any = None,
+    mode: str = "int8-static",
+    keep_head_float: bool = True,
+    per_channel: bool = True,
+    max_calibration: int = 64,
+    dataset: Any = None,
+    split: str = "val",
+    threads: int = 1,
+    measure: bool = True,
+) -> QuantizeReport:
+    """Write a quantized copy of ``onnx_path`` to ``out`` and report size, latency and (given ``dataset``) mAP change.
+
+    Args:
+        calibration: for ``int8-static``: a data.yaml / COCO json / image folder, or a list of frames of the
+            target domain (up to ``max_calibration`` are used, spread over the set).
+        mode: ``int8-static`` (QDQ, uint8 activations, int8 per-channel weights, MinMax calibration) or ``fp16``.
+        keep_head_float: leave the Detect head (box / class branches and box decoding) in float.
+        dataset: a data.yaml / COCO json to measure mAP of both files on ``split``.
+    """
+    import onnx
+
+    if mode not in MODES:
+        raise ConfigError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
+    src, out = Path(onnx_path), Path(out)
+    det = Detector(src)
+    if det.metadata.get("precision", "fp32") != "fp32":
+        raise ConfigError(f"{src} is already {det.metadata.get('precision')}; quantize the fp32 export")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_out = Path(tmp) / "quantized.onnx"
+        excluded, n_frames = 0, 0
+        if mode == "int8-static":
+            frames = calibration_frames(calibration, max_calibration)
+            n_frames = len(frames)
+            try:
+                excluded = _int8_static(src, tmp_out, frames, det, keep_head_float, per_channel)
+            except (ConfigError, DataError):
+                raise
+            except Exception as exc:
+                raise ExportError(f"int8 quantization of {src} failed: {type(exc).__name__}: {exc}") from exc
+            proto = onnx.load(str(tmp_out))
+        else:
+            from export.onnx_export import to_fp16
+
+            proto = to_fp16(onnx.load(str(src)))
+        precision = "int8" if mode == "int8-static" else "fp16"
+        props = dict(det.session.get_modelmeta().custom_metadata_map)  # the float file's metadata travels along
+        props.update({"precision": precision, "quantization": mode, "head_float": str(bool(keep_head_float)).lower(),
+                      "calibration_images": str(n_frames)})
+        del proto.metadata_props[:]
+        for k, v in props.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+        data = proto.SerializeToString()
+    atomic_write_bytes(out, data)
+    report = QuantizeReport(mode=mode, path=str(out), size_bytes=len(data), base_size_bytes=src.stat().st_size,
+                            threads=threads, calibration_images=n_frames, excluded_nodes=excluded)
+    if measure:
+        from export.evaluate import measure_latency
+
+        report.base_latency_ms = measure_latency(src, threads=threads)["median_ms"]
+        report.latency_ms = measure_latency(out, threads=threads)["median_ms"]
+    if dataset is not None:
+        from export.evaluate import evaluate_onnx
+
+        report.base_metrics = evaluate_onnx(src, dataset, split=split, threads=threads)
+        report.metrics = evaluate_onnx(out, dataset, split=split, threads=threads)
+    return report
