@@ -37,10 +37,10 @@ def _frame_jpeg(width: int, height: int, seed: int = 0) -> bytes:
     from PIL import Image
 
     try:
-        from training.data.synthetic import render_frame  # type: ignore[attr-defined]
+        from training.data.synthetic import render_sample
 
-        arr = render_frame(width=width, height=height, seed=seed)
-    except Exception:
+        arr = render_sample(seed, seed=seed, domain="egocentric", imgsz=max(width, height)).image[:height, :width]
+    except ImportError:
         rng = np.random.default_rng(seed)
         small = rng.integers(0, 255, size=(height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
         arr = np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))

@@ -12,6 +12,7 @@ names and input size come from the file's metadata.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,10 +49,15 @@ def load_image(image: Any) -> np.ndarray:
             from PIL import Image, UnidentifiedImageError
         except ImportError:  # pragma: no cover - Pillow is optional on the glasses
             raise DataError("decoding image files needs Pillow; pass an RGB numpy array instead") from None
+        opener = Image.open
+        if getattr(opener, "__module__", "PIL.Image") != "PIL.Image":
+            # ultralytics (when imported) wraps Image.open to pip-install a HEIF plugin for unknown files
+            opener = getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", opener)
         try:
-            with Image.open(path) as im:
+            with opener(path) as im:
+                im.load()
                 return np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"cannot decode {path} as an image ({exc}); pass a JPEG/PNG file or an RGB array") from None
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
         return np.asarray(image.convert("RGB"))

@@ -35,9 +35,16 @@ def same_boxes(a, b, match_iou: float = 0.99) -> bool:
     return bool((iou.max(1) >= match_iou).all())
 
 
+# Session fixtures imported into several test modules are set up once per module by pytest;
+# these caches make the model, its export and the dataset once per test session.
+_CACHE: dict[str, object] = {}
+
+
 @pytest.fixture(scope="session")
 def export_model() -> DetectionModel:
-    return make_model()
+    if "model" not in _CACHE:
+        _CACHE["model"] = make_model()
+    return _CACHE["model"]
 
 
 @pytest.fixture(scope="session")
@@ -45,12 +52,16 @@ def exported(tmp_path_factory, export_model):
     """``(model, ExportResult)`` of the fp32 export (verified by export_onnx itself)."""
     from export import export_onnx
 
-    out = tmp_path_factory.mktemp("export") / "model.onnx"
-    return export_model, export_onnx(export_model, out)
+    if "exported" not in _CACHE:
+        out = tmp_path_factory.mktemp("export") / "model.onnx"
+        _CACHE["exported"] = (export_model, export_onnx(export_model, out))
+    return _CACHE["exported"]
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     from training.data.synthetic import generate_dataset
 
-    return generate_dataset(tmp_path_factory.mktemp("exds"), domain="egocentric", n=16, imgsz=IMGSZ, seed=0)
+    if "dataset" not in _CACHE:
+        _CACHE["dataset"] = generate_dataset(tmp_path_factory.mktemp("exds"), domain="egocentric", n=10, imgsz=IMGSZ, seed=0)
+    return _CACHE["dataset"]

@@ -137,3 +137,25 @@ def test_mosaic_tiles_four_images_with_their_boxes(source_yaml):  # noqa: F811
     top_left = s["bboxes"][(s["bboxes"][:, 0] < 0.5) & (s["bboxes"][:, 1] < 0.5)]
     assert len(s["bboxes"]) >= len(first["bboxes"])
     torch.testing.assert_close(top_left[: len(first["bboxes"])] * 2, first["bboxes"], atol=1e-5, rtol=0)
+
+
+def test_a_moved_dataset_still_reads(tmp_path):
+    data = generate_dataset(tmp_path / "made", "source", n=3, imgsz=64, seed=0, val_fraction=0.34)
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(data.parent), moved)  # data.yaml's absolute 'path' now points nowhere
+    cfg = read_data_yaml(moved / "data.yaml")
+    assert cfg["root"] == moved.resolve() and cfg["names"] == CLASS_NAMES
+    assert len(build_dataset(moved / "data.yaml", "train", imgsz=64)) == 2
+
+
+def test_names_as_list_and_nc_mismatch(tmp_path):
+    from models.errors import DataError
+
+    (tmp_path / "images/train").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images/train/x.png")
+    (tmp_path / "d.yaml").write_text("train: images/train\nval: images/train\nnames: [cat, dog]\n")
+    ds = build_dataset(tmp_path / "d.yaml", "val", imgsz=32)
+    assert ds.names == ["cat", "dog"] and len(ds) == 1 and len(ds[0]["cls"]) == 0  # no label file: background image
+    (tmp_path / "d.yaml").write_text("train: images/train\nval: images/train\nnc: 3\nnames: [cat, dog]\n")
+    with pytest.raises(DataError, match="nc=3 but 2 names"):
+        build_dataset(tmp_path / "d.yaml", "val", imgsz=32)

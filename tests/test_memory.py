@@ -8,7 +8,7 @@ from optim_fixtures import single_thread  # noqa: F401
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from training.memory import MemoryReport, SavedTensorCounter, measure_memory
+from training.memory import MemoryReport, SavedTensorCounter, count_parameters, measure_memory
 from training.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -63,8 +63,6 @@ def test_frozen_quantized_and_buffers():
     model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), Quantized(), nn.Conv2d(4, 2, 1))
     model[0].weight.requires_grad_(False)  # 12 floats frozen
     report = MemoryReport()
-    from training.memory import count_parameters
-
     count_parameters(model, report)
     assert report.params_frozen == 12 * 4
     assert report.params_trainable == (4 + 4 + 8 + 2) * 4  # BN weight + bias, conv2 weight + bias
@@ -106,3 +104,17 @@ def test_in_backward_frees_gradients_and_table_renders():
     for label in ("parameters (trainable)", "gradients", "optimizer state", "activations saved for backward", "total"):
         assert label in table
     assert "100.0%" in table and f"{report.total:,}" in table
+
+
+def test_nf4_base_weight_counts_as_quantized():
+    nf4 = pytest.importorskip("service.layers.tuners.nf4")
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.nf4 = nf4.NF4Weight(torch.randn(32, 16, 3, 3), blocksize=64, double_quant=True)
+    holder.bias = nn.Parameter(torch.zeros(32))
+    report = MemoryReport()
+    count_parameters(holder, report)
+    expected = sum(b.numel() * b.element_size() for b in holder.nf4.buffers())
+    assert report.params_quantized == expected > 0
+    assert expected < 32 * 16 * 9  # under a byte per weight: 4-bit codes + scales
+    assert report.buffers == 0 and report.params_trainable == 32 * 4

@@ -88,3 +88,35 @@ def test_moment_transfer_keeps_the_back_projected_moment():
     core = torch.randn(3, 2, 3, 3)
     moved = proj.tucker_transfer(core, u, v)
     torch.testing.assert_close(proj.tucker_back(moved, *v), proj.tucker_back(core, *u), atol=1e-5, rtol=1e-5)
+
+
+def test_matrix_correlation_gradient_matches_autograd():
+    """The hand-written gradient is autograd's for the objective written in the projected space."""
+    g = torch.randn(12, 9, generator=torch.Generator().manual_seed(3))
+    p = proj.orthonormal_rows(torch.randn(3, 9, generator=torch.Generator().manual_seed(4)))
+    m = torch.randn(12, 3, generator=torch.Generator().manual_seed(5))
+    leaf = p.clone().requires_grad_(True)
+    r = g @ leaf.T
+    err = 1 - r.pow(2).sum() / g.pow(2).sum()
+    cos = ((m / m.norm(dim=1, keepdim=True)) * r / g.norm(dim=1, keepdim=True)).sum(1).mean()
+    (grad,) = torch.autograd.grad(err * (1 - cos), leaf)
+    grad = grad * min(1.0, 1.0 / float(grad.norm()))
+    expected = proj.orthonormal_rows(p - 0.1 * grad)
+    torch.testing.assert_close(proj.correlation_step_matrix(g, p, m, lr=0.1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tucker_correlation_objective_in_small_form_equals_the_full_one():
+    """The step's cheap O×r1×k×k formulas give the objective of the full-size definition."""
+    gen = torch.Generator().manual_seed(6)
+    g = torch.randn(10, 8, 3, 3, generator=gen)
+    u0 = torch.linalg.qr(torch.randn(10, 4, generator=gen))[0]
+    u1 = torch.linalg.qr(torch.randn(8, 3, generator=gen))[0]
+    core_avg = torch.randn(4, 3, 3, 3, generator=gen)
+    full_err = (proj.tucker_back(proj.tucker_project(g, u0, u1), u0, u1) - g).pow(2).sum() / g.pow(2).sum()
+    full_cos = F.cosine_similarity(proj.tucker_back(core_avg, u0, u1).flatten(1), g.flatten(1), dim=1).mean()
+    a = torch.einsum("oikl,is->oskl", g, u1)
+    n = torch.einsum("rskl,or->oskl", core_avg, u0)
+    err = 1 - proj.tucker_project(g, u0, u1).pow(2).sum() / g.pow(2).sum()
+    cos = ((n * a).flatten(1).sum(1) / (n.flatten(1).norm(dim=1) * g.flatten(1).norm(dim=1))).mean()
+    torch.testing.assert_close(err, full_err, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cos, full_cos, atol=1e-5, rtol=1e-4)

@@ -184,7 +184,8 @@ def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: Sto
                          memory=memory, trainable=trainable, best_map50_95=state["best_map50_95"])
     if status == "completed":
         if not metrics or metrics.get("step") != step:
-            metrics = run_eval(model, ema, val_ds, cfg, step, n_epochs - 1, run_dir, state, log, emit, dist_info)
+            metrics = run_eval(model, ema, val_ds, cfg, step, n_epochs - 1, run_dir, state, log, emit, dist_info,
+                               final=True)
         result.metrics, result.best_map50_95 = metrics, state["best_map50_95"]
         if dist_info.is_main:
             result.adapter_dir, result.merged_dir = write_final_weights(cfg, model, ema, run_dir)
@@ -589,14 +590,16 @@ def eval_model(model: nn.Module, ema) -> nn.Module:
     return ema.ema if ema is not None else model
 
 
-def run_eval(model, ema, val_ds, cfg, step, epoch, run_dir, state, log, emit, info: DistInfo) -> dict[str, Any]:
+def run_eval(model, ema, val_ds, cfg, step, epoch, run_dir, state, log, emit, info: DistInfo,
+             final: bool = False) -> dict[str, Any]:
     """Rank 0 evaluates on the val split, logs it and refreshes ``best/``; others wait."""
     metrics: dict[str, Any] = {}
     if info.is_main:
         from training.evaluate import evaluate
 
         net = eval_model(model, ema)
-        metrics = evaluate(net, val_ds, batch=cfg.eval_batch, plot_path=run_dir / "pr_curve.png", quiet=cfg.quiet)
+        plot = run_dir / "pr_curve.png" if final else None  # plotting costs seconds: only the final evaluation
+        metrics = evaluate(net, val_ds, batch=cfg.eval_batch, plot_path=plot, quiet=cfg.quiet)
         metrics = {"kind": "eval", "step": step, "epoch": epoch + 1, **metrics}
         log.write(metrics)
         emit({"event": "eval", **metrics})

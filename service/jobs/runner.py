@@ -190,7 +190,7 @@ def run_job(job: Job, settings: Settings, store: JobStore, worker_stop: Callable
             run_dir, onnx_tmp, imgsz=request.get("imgsz"), opset=export.get("opset"), half=bool(export.get("half")),
             verify=export.get("verify", True), int8_calibration=calibration,
         )
-        log.info("export verified: %s", json.dumps(info.get("verification"), default=str))
+        log.info("exported %s; verification: %s", onnx_tmp, json.dumps(info.get("verification"), default=str))
         ModelRegistry(settings.models_dir).register(
             model_id, onnx_tmp, move=True, source=f"job {job.id}", job_id=job.id,
             base_model=request.get("base_model"), classes=info.get("classes"), imgsz=info.get("imgsz"),

@@ -46,6 +46,9 @@ class WorkerSupervisor:
         self.procs: list[subprocess.Popen | None] = [None] * settings.job_workers
         self.restarts = 0
         self._log_dir = settings.home / "logs"
+        self._started_at = [0.0] * settings.job_workers
+        self._fast_failures = [0] * settings.job_workers
+        self._respawn_after = [0.0] * settings.job_workers
 
     def _spawn(self, slot: int) -> subprocess.Popen:
         self._log_dir.mkdir(parents=True, exist_ok=True)
@@ -54,6 +57,7 @@ class WorkerSupervisor:
                 worker_command(self.settings), stdout=logf, stderr=subprocess.STDOUT, env=worker_env(), cwd=REPO_ROOT
             )
         log.info("started job worker %d (pid %d)", slot, proc.pid)
+        self._started_at[slot] = time.monotonic()
         return proc
 
     def start(self) -> None:
@@ -79,6 +83,19 @@ class WorkerSupervisor:
                     f"the worker process exited with code {code} (a crash, or killed for memory) while running this "
                     f"job; POST /v1/jobs/{job.id}/resume continues from the last checkpoint"))
                 log.warning("job %s failed: worker %d exited with code %s", job.id, proc.pid, code)
+            now = time.monotonic()
+            if self._respawn_after[slot] == 0.0:
+                # a worker that keeps dying right after it starts (a broken install) is restarted with backoff
+                quick = now - self._started_at[slot] < 5.0
+                self._fast_failures[slot] = self._fast_failures[slot] + 1 if quick else 0
+                delay = min(60.0, 2.0 ** self._fast_failures[slot]) if quick else 0.0
+                self._respawn_after[slot] = now + delay
+                if delay:
+                    log.error("job worker %d died %.1fs after start (code %s); restarting in %.0fs; see %s",
+                              slot, now - self._started_at[slot], code, delay, self._log_dir / f"worker-{slot}.log")
+            if now < self._respawn_after[slot]:
+                continue
+            self._respawn_after[slot] = 0.0
             self.restarts += 1
             self.procs[slot] = self._spawn(slot)
 

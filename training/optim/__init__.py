@@ -9,7 +9,7 @@ wraps any of them with :func:`optimizer_in_backward`.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -52,7 +52,9 @@ def _check_kwargs(cls: type, name: str, kw: dict[str, Any]) -> None:
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
     unknown = sorted(set(kw) - accepted)
     if unknown:
-        raise ConfigError(f"optimizer {name!r} does not take {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
+        raise ConfigError(
+            f"optimizer {name!r} does not take {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}"
+        )
 
 
 def build_optimizer(
@@ -100,7 +102,3 @@ def build_optimizer(
 
     return optimizer_in_backward(model, make, params=params, accumulate=accumulate, clip_grad_norm=clip_grad_norm)
 
-
-def optimizer_factory(name: str, **settings: Any) -> Callable[[list], torch.optim.Optimizer]:
-    """A ``make_optimizer`` for :func:`optimizer_in_backward` that builds ``name`` with ``settings``."""
-    return lambda params: build_optimizer(name, params, **settings)

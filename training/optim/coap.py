@@ -102,7 +102,8 @@ class COAPAdamW(ProjectedAdamW):
         what = self._schedule(step, group)
         old = (state["proj_out"], state["proj_in"])
         if what == "reproject":
-            state["proj_out"], state["proj_in"] = proj.tucker_factors(g, ranks, warm=old, generator=self._generator(state))
+            gen = self._generator(state)
+            state["proj_out"], state["proj_in"] = proj.tucker_factors(g, ranks, warm=old, generator=gen)
         elif what == "correlate":
             state["proj_out"], state["proj_in"] = proj.correlation_step_tucker(g, *old, core_avg, lr=group["proj_lr"])
         if what is not None and group["transfer_moments"]:

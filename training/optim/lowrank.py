@@ -71,7 +71,10 @@ class ProjectedAdamW(Optimizer):
         transfer_moments: bool = False,
     ):
         params = list(params)
-        _check(len(params) > 0, f"{type(self).__name__} got an empty parameter list; pass the model's trainable parameters")
+        _check(
+            len(params) > 0,
+            f"{type(self).__name__} got an empty parameter list; pass the model's trainable parameters",
+        )
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
             rank_ratio_matrix=rank_ratio_matrix, rank_ratio_cnn=rank_ratio_cnn,

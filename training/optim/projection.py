@@ -17,7 +17,6 @@ Conventions:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def orthonormal_rows(p: torch.Tensor) -> torch.Tensor:
@@ -126,27 +125,33 @@ def _clip(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
     return [t * factor for t in grads]
 
 
-def _relative_error(recon: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    # A relative squared error rather than a raw MSE: the step size (~0.1) then
-    # means the same thing whatever the gradient's scale is.
-    return (recon - g).pow(2).sum() / g.pow(2).sum().clamp_min(1e-30)
-
-
 def correlation_step_matrix(
     g: torch.Tensor, p: torch.Tensor, exp_avg: torch.Tensor, lr: float = 0.1, max_norm: float = 1.0
 ) -> torch.Tensor:
     """One clipped gradient step on ``P`` for ``L = err(G PᵀP, G) · (1 − mean cos(M P, G))``.
 
     ``M`` (m×r) is Adam's first moment in the projected space; the cosine is per
-    row of ``G``. Returns the new ``P`` with orthonormal rows.
+    row of ``G``; ``err`` is the relative squared reconstruction error. Returns the
+    new ``P`` with orthonormal rows.
+
+    The gradient is written out rather than taken by autograd: with orthonormal
+    rows, ``err = 1 − ‖G Pᵀ‖² / ‖G‖²`` and ``cos_i = ⟨M_i, (G Pᵀ)_i⟩ / (‖M_i‖ ‖G_i‖)``,
+    so ``∂err/∂P = −2 (G Pᵀ)ᵀ G / ‖G‖²`` and ``∂ mean cos/∂P = M̃ᵀ G̃ / m`` with rows of
+    ``M`` and ``G`` normalised — two r×m by m×n products, no m×n temporaries kept for a
+    backward pass.
     """
-    p = p.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        err = _relative_error((g @ p.T) @ p, g)
-        cos = F.cosine_similarity(exp_avg @ p, g, dim=1, eps=1e-12).mean()
-        (grad,) = torch.autograd.grad(err * (1 - cos), p)
+    m = g.shape[0]
+    r = g @ p.T
+    g2 = g.pow(2).sum().clamp_min(1e-30)
+    err = 1 - r.pow(2).sum() / g2
+    g_norm = g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    m_unit = exp_avg / exp_avg.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = (m_unit * r / g_norm).sum() / m
+    d_err = (r.T @ g).mul_(-2 / g2)
+    d_cos = (m_unit.T @ (g / g_norm)).div_(m)
+    grad = d_err * (1 - cos) - err * d_cos
     (grad,) = _clip([grad], max_norm)
-    return orthonormal_rows(p.detach() - lr * grad)
+    return orthonormal_rows(p - lr * grad)
 
 
 def correlation_step_tucker(
@@ -159,15 +164,23 @@ def correlation_step_tucker(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The correlation-aware step of :func:`correlation_step_matrix` on both Tucker factors.
 
-    The cosine is per output channel between the back-projected first moment and ``G``;
-    the joint gradient of ``(U0, U1)`` is clipped to ``max_norm``.
+    The cosine is per output channel between the back-projected first moment and
+    ``G``; the joint gradient of ``(U0, U1)`` is clipped to ``max_norm``. With
+    orthonormal factors both terms are computed on tensors of the size ``O×r1×k×k``
+    (never the full kernel): ``err = 1 − ‖core‖² / ‖G‖²``, and the cosine of output
+    channel ``o`` is ``⟨(M ×₀ U0)_o, (G ×₁ U1ᵀ)_o⟩ / (‖(M ×₀ U0)_o‖ ‖G_o‖)``.
     """
     u0 = u0.detach().clone().requires_grad_(True)
     u1 = u1.detach().clone().requires_grad_(True)
+    g2 = g.pow(2).sum().clamp_min(1e-30)
+    g_norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
     with torch.enable_grad():
-        err = _relative_error(tucker_back(tucker_project(g, u0, u1), u0, u1), g)
-        moment = tucker_back(core_avg, u0, u1)
-        cos = F.cosine_similarity(moment.flatten(1), g.flatten(1), dim=1, eps=1e-12).mean()
-        grads = torch.autograd.grad(err * (1 - cos), (u0, u1))
+        a = torch.einsum("oikl,is->oskl", g, u1)
+        err = 1 - torch.einsum("oskl,or->rskl", a, u0).pow(2).sum() / g2
+        n = torch.einsum("rskl,or->oskl", core_avg, u0)
+        cos = (n * a).flatten(1).sum(1) / (n.flatten(1).norm(dim=1).clamp_min(1e-12) * g_norm)
+        grads = torch.autograd.grad(err * (1 - cos.mean()), (u0, u1))
     g0, g1 = _clip(list(grads), max_norm)
-    return orthonormal_rows((u0.detach() - lr * g0).T).T.contiguous(), orthonormal_rows((u1.detach() - lr * g1).T).T.contiguous()
+    new0 = orthonormal_rows((u0.detach() - lr * g0).T).T.contiguous()
+    new1 = orthonormal_rows((u1.detach() - lr * g1).T).T.contiguous()
+    return new0, new1

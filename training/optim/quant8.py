@@ -114,7 +114,9 @@ def quantize_blockwise(
     return quantize_many([x], signed, block_size)[0]
 
 
-def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE
+) -> torch.Tensor:
     """Float32 tensor of ``codes``' shape from :func:`quantize_blockwise`'s output."""
     return dequantize_many([(codes, absmax)], block_size)[0]
 

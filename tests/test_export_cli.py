@@ -1,0 +1,31 @@
+"""``glasses-vision export``: a run dir to a verified file, int8 with calibration, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+from service.cli import main
+from tests.export_fixtures import make_model, tiny_dataset  # noqa: F401
+
+
+def test_export_cli_run_dir_and_int8(tmp_path, tiny_dataset, capsys):
+    run = tmp_path / "runs" / "kitchen"
+    make_model(seed=3).save(run / "merged")
+    out = tmp_path / "kitchen.onnx"
+    assert main(["export", "--from", str(run), "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    assert "parity with PyTorch: ok" in text and "latency (batch 1, 1 thread)" in text and "MB" in text
+    assert json.loads((tmp_path / "r.json").read_text())["export"]["verification"]["passed"] is True
+
+    q = tmp_path / "kitchen8.onnx"
+    assert main(["export", "--from", str(run), "--out", str(q), "--int8", "--calib", str(tiny_dataset), "--no-verify"]) == 0
+    text = capsys.readouterr().out
+    assert "int8 ->" in text and "calibration frames" in text and q.is_file()
+    assert (tmp_path / "kitchen8.fp32.onnx").is_file()
+
+
+def test_export_cli_errors(tmp_path, capsys):
+    assert main(["export", "--from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["export", "--from", "x", "--out", str(tmp_path / "x.onnx"), "--int8"]) == 2
+    assert "--calib" in capsys.readouterr().err

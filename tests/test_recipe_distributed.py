@@ -1,0 +1,35 @@
+"""torchrun-style data parallel: 2 gloo processes equal 1 process with the same global batch."""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+import torch.multiprocessing as mp
+
+from models.detection import DetectionModel
+from recipe_fixtures import ddp_worker, tiny_config
+from training.recipe import train
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    settings = dict(max_steps=3, augment=False)
+    # one process: 2 micro-batches of 2 accumulated = global batch 4
+    single = train(tiny_config(tmp_path / "single", batch=2, accumulate=2, **settings))
+    # two processes: 2 images each = global batch 4, DistributedDataParallel averages the gradients
+    config = tiny_config(tmp_path / "ddp", batch=2, accumulate=1, **settings).to_dict()
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    init = tempfile.mktemp(prefix="gv-ddp-", dir=tmp_path)
+    procs = [ctx.Process(target=ddp_worker, args=(rank, 2, config, init, results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ddp_losses = results.get()
+    assert len(ddp_losses) == 3
+    torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single.losses), rtol=1e-4, atol=1e-5)
+    a, b = DetectionModel.load(tmp_path / "single" / "merged"), DetectionModel.load(tmp_path / "ddp" / "merged")
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
