@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.core.inference import runtime_loader
     from service.registry import ModelRegistry
 
+    load_before = os.getloadavg()[0]
     width, height = (int(v) for v in args.frame.lower().split("x"))
     jpeg = _frame_jpeg(width, height)
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"Python {platform.python_version()}, onnxruntime threads per session: {args.threads}; "
         f"frame {width}x{height} JPEG ({len(jpeg)} bytes), {args.requests} requests x {args.rounds} interleaved rounds, "
-        f"medians.",
+        f"medians. Load average (1 min) before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
+        "(other processes share this machine).",
         "",
         "| concurrency | path | req/s | p50 ms | p99 ms | HTTP / in-process throughput |",
         "| --- | --- | --- | --- | --- | --- |",

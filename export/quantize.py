@@ -114,15 +114,36 @@ class _FrameReader:
         self._it = None
 
 
-def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_head_float: bool, per_channel: bool) -> int:
+def float_nodes(proto, head_layer: str, keep_head_float: bool, keep_decode_float: bool) -> list[str]:
+    """Node names to leave in float: the whole Detect head, or only its decode tail.
+
+    The decode tail (DFL softmax, box arithmetic, the final concat of pixel boxes with
+    0..1 scores) shares one quantization scale across values of very different ranges;
+    quantizing it wipes out the scores.
+    """
+    if not head_layer:
+        return []
+    prefix = f"/model.{head_layer}/"
+    branches = (f"{prefix}cv2.", f"{prefix}cv3.")
+    out = []
+    for node in proto.graph.node:
+        if not node.name.startswith(prefix):
+            continue
+        in_branch = node.name.startswith(branches)
+        if keep_head_float or (keep_decode_float and not in_branch):
+            out.append(node.name)
+    return out
+
+
+def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_head_float: bool, per_channel: bool,
+                 keep_decode_float: bool = True) -> int:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     import onnx
 
     proto = onnx.load(str(src))
-    head = det.metadata.get("head_layer", "")
-    exclude = [n.name for n in proto.graph.node if keep_head_float and head and n.name.startswith(f"/model.{head}/")]
+    exclude = float_nodes(proto, det.metadata.get("head_layer", ""), keep_head_float, keep_decode_float)
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         try:
@@ -143,7 +164,8 @@ def quantize_onnx(
     out: str | Path,
     calibration: Any = None,
     mode: str = "int8-static",
-    keep_head_float: bool = True,
+    keep_head_float: bool = False,
+    keep_decode_float: bool = True,
     per_channel: bool = True,
     max_calibration: int = 64,
     dataset: Any = None,
@@ -157,7 +179,9 @@ def quantize_onnx(
         calibration: for ``int8-static``: a data.yaml / COCO json / image folder, or a list of frames of the
             target domain (up to ``max_calibration`` are used, spread over the set).
         mode: ``int8-static`` (QDQ, uint8 activations, int8 per-channel weights, MinMax calibration) or ``fp16``.
-        keep_head_float: leave the Detect head (box / class branches and box decoding) in float.
+        keep_head_float: leave the whole Detect head (box / class branches and box decoding) in float.
+        keep_decode_float: leave the head's decode tail (DFL, box arithmetic, final concat) in float; on by
+            default, since quantizing it erases the class scores (docs/benchmarks/export.md: mAP 0).
         dataset: a data.yaml / COCO json to measure mAP of both files on ``split``.
     """
     import onnx
@@ -175,7 +199,7 @@ def quantize_onnx(
             frames = calibration_frames(calibration, max_calibration)
             n_frames = len(frames)
             try:
-                excluded = _int8_static(src, tmp_out, frames, det, keep_head_float, per_channel)
+                excluded = _int8_static(src, tmp_out, frames, det, keep_head_float, per_channel, keep_decode_float)
             except (ConfigError, DataError):
                 raise
             except Exception as exc:
@@ -187,7 +211,8 @@ def quantize_onnx(
             proto = to_fp16(onnx.load(str(src)))
         precision = "int8" if mode == "int8-static" else "fp16"
         props = dict(det.session.get_modelmeta().custom_metadata_map)  # the float file's metadata travels along
-        props.update({"precision": precision, "quantization": mode, "head_float": str(bool(keep_head_float)).lower(),
+        head = "float" if keep_head_float else ("int8, decode float" if keep_decode_float else "int8")
+        props.update({"precision": precision, "quantization": mode, "head": head,
                       "calibration_images": str(n_frames)})
         del proto.metadata_props[:]
         for k, v in props.items():

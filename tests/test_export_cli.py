@@ -12,15 +12,16 @@ def test_export_cli_run_dir_and_int8(tmp_path, tiny_dataset, capsys):
     run = tmp_path / "runs" / "kitchen"
     make_model(seed=3).save(run / "merged")
     out = tmp_path / "kitchen.onnx"
-    assert main(["export", "--from", str(run), "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    assert main(["export", "--from", str(run), "--out", str(out), "--imgsz", "64", "--json", str(tmp_path / "r.json")]) == 0
     text = capsys.readouterr().out
     assert "parity with PyTorch: ok" in text and "latency (batch 1, 1 thread)" in text and "MB" in text
     assert json.loads((tmp_path / "r.json").read_text())["export"]["verification"]["passed"] is True
 
     q = tmp_path / "kitchen8.onnx"
-    assert main(["export", "--from", str(run), "--out", str(q), "--int8", "--calib", str(tiny_dataset), "--no-verify"]) == 0
+    assert main(["export", "--from", str(run), "--out", str(q), "--imgsz", "64", "--int8", "--calib", str(tiny_dataset),
+                 "--calib-frames", "4", "--no-verify"]) == 0
     text = capsys.readouterr().out
-    assert "int8 ->" in text and "calibration frames" in text and q.is_file()
+    assert "int8 ->" in text and "4 calibration frames" in text and q.is_file()
     assert (tmp_path / "kitchen8.fp32.onnx").is_file()
 
 

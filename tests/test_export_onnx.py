@@ -59,7 +59,7 @@ def test_export_from_model_and_run_dirs(tmp_path):
     model.save(run / "merged")
     best = make_model(seed=2)
     best.save(run / "best")
-    r = export_onnx(run, tmp_path / "merged.onnx", verify=False)
+    r = export_onnx(run, tmp_path / "merged.onnx", imgsz=64, verify=False)
     assert r.source == str(run / "merged")
     assert r.source_sha256 == hashlib.sha256((run / "merged" / "model.safetensors").read_bytes()).hexdigest()
     # in memory the same weights hash the same: the hash identifies the checkpoint, not the file name
@@ -81,7 +81,7 @@ def test_merged_lora_export_has_base_operators(exported, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.01)
     assert any(hasattr(m, "base_layer") for m in tuned.modules())
-    result = export_onnx(tuned, tmp_path / "lora.onnx")  # verified against the *unmerged* model
+    result = export_onnx(tuned, tmp_path / "lora.onnx", images=generated_frames())  # checked against the *unmerged* model
     assert result.merged_adapters and result.verification.passed and result.verification.required > 0
     assert result.op_counts == base_result.op_counts and result.num_nodes == base_result.num_nodes
     assert any(hasattr(m, "base_layer") for m in tuned.modules())  # the caller's model is untouched
@@ -90,7 +90,7 @@ def test_merged_lora_export_has_base_operators(exported, tmp_path):
 
 def test_half_export(exported, tmp_path):
     model, base = exported
-    r = export_onnx(model, tmp_path / "half.onnx", half=True)
+    r = export_onnx(model, tmp_path / "half.onnx", half=True, images=generated_frames()[:1])
     assert r.precision == "fp16" and r.verification.passed
     assert r.size_bytes < 0.6 * base.size_bytes
 
@@ -98,7 +98,7 @@ def test_half_export(exported, tmp_path):
 def test_verification_catches_a_wrong_model(exported, tmp_path, monkeypatch):
     model, result = exported
     other = make_model(seed=7)
-    report = verify_onnx(result.path, other)
+    report = verify_onnx(result.path, other, images=generated_frames()[:1])
     assert not report.passed and report.max_abs_diff > 0.05
 
     import export.verify as verify_mod
@@ -107,7 +107,7 @@ def test_verification_catches_a_wrong_model(exported, tmp_path, monkeypatch):
     monkeypatch.setattr(verify_mod, "verify_onnx", lambda path, source, images=None: real(path, other, images))
     out = tmp_path / "bad.onnx"
     with pytest.raises(ExportError, match="does not match the PyTorch model"):
-        export_onnx(model, out)
+        export_onnx(model, out, images=generated_frames()[:1])
     assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-done left on disk
 
 
@@ -134,3 +134,14 @@ def test_bad_sources(tmp_path, export_model):
     with pytest.raises(ConfigError, match=r"\.onnx"):
         export_onnx(export_model, tmp_path / "x.pt")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_qlora_export_is_dequantised_plain_graph(exported, tmp_path):
+    from service.layers.peft import apply_qlora
+
+    base, base_result = exported
+    tuned = copy.deepcopy(base)
+    apply_qlora(tuned, rank=4, targets=["neck"])
+    result = export_onnx(tuned, tmp_path / "qlora.onnx", images=generated_frames()[:1])  # vs the NF4 model itself
+    assert result.merged_adapters and result.verification.passed and result.verification.required > 0
+    assert result.op_counts == base_result.op_counts  # NF4 bases came back as float weights, no extra ops

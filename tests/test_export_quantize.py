@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 from export import quantize_onnx
+from export.quantize import float_nodes
 from export.runtime import Detector
 from export.verify import generated_frames
 from models.errors import ConfigError
@@ -24,13 +25,26 @@ def test_int8_static_calibrated_on_dataset(exported, tiny_dataset, tmp_path):
     assert report.latency_ms > 0 and report.base_latency_ms > 0
     assert report.metrics["images"] == report.base_metrics["images"] > 0 and math.isfinite(report.map50_95_change)
     proto = onnx.load(str(out))
-    quantized = [n.name for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    assert quantized and not any(n.startswith("/model.23/") and "QuantizeLinear" not in n for n in quantized)
-    head_ops = {n.op_type for n in proto.graph.node if n.name.startswith("/model.23/")}
-    assert "Conv" in head_ops and "DequantizeLinear" not in head_ops  # the Detect head stays float
+    nodes = {n.name: n.op_type for n in proto.graph.node}
+    assert "QuantizeLinear" in nodes.values()
+    head_convs = [n for n in nodes if n.startswith("/model.23/cv") and nodes[n] == "Conv"]
+    assert head_convs and any(n.startswith("/model.23/cv") and t == "DequantizeLinear" for n, t in nodes.items())
+    decode = [n for n in nodes if n.startswith("/model.23/dfl") or n in ("/model.23/Concat_5", "/model.23/Div")]
+    assert decode and all(nodes[n] not in ("QuantizeLinear", "DequantizeLinear") for n in decode)
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["precision"] == "int8" and meta["quantization"] == "int8-static" and meta["names"]
     assert Detector(out).detect(generated_frames()[0], conf=0.25) is not None
+
+
+def test_float_node_selection(exported):
+    """keep_head_float leaves the whole head in float; by default only its decode tail; with neither, nothing."""
+    _, result = exported
+    proto = onnx.load(result.path)
+    head = [n.name for n in proto.graph.node if n.name.startswith("/model.23/")]
+    tail = [n for n in head if not n.startswith(("/model.23/cv2.", "/model.23/cv3."))]
+    assert sorted(float_nodes(proto, "23", True, True)) == sorted(head)
+    assert sorted(float_nodes(proto, "23", False, True)) == sorted(tail) and 0 < len(tail) < len(head)
+    assert float_nodes(proto, "23", False, False) == [] and float_nodes(proto, "", True, True) == []
 
 
 def test_fp16_and_frames_as_calibration(exported, tmp_path):

@@ -118,3 +118,12 @@ def test_nf4_base_weight_counts_as_quantized():
     assert report.params_quantized == expected > 0
     assert expected < 32 * 16 * 9  # under a byte per weight: 4-bit codes + scales
     assert report.buffers == 0 and report.params_trainable == 32 * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_is_reported():
+    model = nn.Linear(64, 32).cuda()
+    opt = build_optimizer("coap", model.parameters(), rank=4, min_numel=0)
+    report = measure_memory(model, opt, _linear_step(model, torch.randn(8, 64, device="cuda")))
+    assert report.cuda_max_allocated is not None and report.cuda_max_allocated >= report.params_trainable
+    assert "CUDA max_memory_allocated" in report.table()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 
 import pytest
 import torch
@@ -53,5 +54,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_ddp_ranks_compute_identical_projections(tmp_path):
     # fork: the children inherit the imported modules, which keeps this test at a few seconds
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 60
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:  # never let a stuck worker hang the suite
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the two DDP workers did not finish within 60 s")
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["True", "True"]

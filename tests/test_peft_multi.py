@@ -129,3 +129,15 @@ def test_merge_uses_the_active_adapter_only():
     out = predict(model, x)
     merge_lora(model)
     assert rel_diff(predict(model, x), out) <= 1e-5
+
+
+def test_combined_adapter_saves_and_reloads(tmp_path):
+    from service.layers.peft import load_adapter, save_adapter
+
+    model = _two_adapters()
+    combine_adapters(model, {"kitchen": 0.5, "shelf": 0.5}, method="dare", name="both", density=0.5)
+    save_adapter(model, tmp_path / "both")
+    fresh = make_model()
+    assert load_adapter(fresh, tmp_path / "both") == "both"
+    x = torch.rand(1, 3, 128, 128)
+    assert torch.equal(logits(fresh, x), logits(model, x))

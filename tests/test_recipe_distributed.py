@@ -14,8 +14,13 @@ from training.recipe import train
 
 def test_two_gloo_processes_match_one_process(tmp_path):
     settings = dict(max_steps=3, augment=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: the same float summation order
     # one process: 2 micro-batches of 2 accumulated = global batch 4
-    single = train(tiny_config(tmp_path / "single", batch=2, accumulate=2, **settings))
+    try:
+        single = train(tiny_config(tmp_path / "single", batch=2, accumulate=2, **settings))
+    finally:
+        torch.set_num_threads(threads)
     # two processes: 2 images each = global batch 4, DistributedDataParallel averages the gradients
     config = tiny_config(tmp_path / "ddp", batch=2, accumulate=1, **settings).to_dict()
     ctx = mp.get_context("spawn")

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
 from models.detection import DetectionModel
 from training.memory import measure_memory
-from training.recipe import build_criterion, micro_batch_loss, train_step, DistInfo
-from contextlib import nullcontext
+from training.recipe import DistInfo, build_criterion, micro_batch_loss, train_step
 
 
-def _batch(n: int, imgsz: int, seed: int = 0) -> dict:
+def _batch(n: int, imgsz: int, seed: int = 0, per_image: int = 2) -> dict:
     g = torch.Generator().manual_seed(seed)
-    k = 2 * n
+    k = per_image * n
     return {
         "img": (torch.rand(n, 3, imgsz, imgsz, generator=g) * 255).to(torch.uint8),
-        "batch_idx": torch.arange(n).repeat_interleave(2).float(),
+        "batch_idx": torch.arange(n).repeat_interleave(per_image).float(),
         "cls": torch.randint(0, 3, (k, 1), generator=g).float(),
-        "bboxes": torch.cat([torch.rand(k, 2, generator=g) * 0.5 + 0.25, torch.rand(k, 2, generator=g) * 0.3 + 0.1], 1),
+        "bboxes": torch.cat([torch.rand(k, 2, generator=g) * 0.6 + 0.2, torch.rand(k, 2, generator=g) * 0.3 + 0.2], 1),
     }
 
 
@@ -53,16 +54,18 @@ def test_accumulated_micro_batches_equal_one_larger_batch():
     ultralytics' loss normalises each batch by its total assigned target score, and
     BatchNorm uses per-batch statistics, so the two agree exactly when the micro-batches
     carry equal target mass and statistics: here the large batch is the micro-batch
-    repeated, BatchNorm runs in eval mode. The scaling (1 / accumulate, per-image loss)
-    is what this checks; the 2-process test checks splitting different images.
+    repeated, BatchNorm runs in eval mode. ultralytics also clamps that normaliser at 1,
+    so the images carry enough boxes (12 at 96 px) for the clamp to stay inactive. The
+    scaling (1 / accumulate, per-image loss) is what this checks; the 2-process test
+    checks splitting different images.
     """
     torch.manual_seed(0)
-    model = DetectionModel("yolo11n", nc=3, imgsz=64).train()
+    model = DetectionModel("yolo11n", nc=3, imgsz=96).train()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.eval()
     crit = build_criterion(model)
-    micro = _batch(2, 64, seed=1)
+    micro = _batch(2, 96, seed=1, per_image=12)
     big = {k: torch.cat([micro[k], micro[k] + (2 if k == "batch_idx" else 0)]) for k in micro}
 
     class Cfg:
@@ -75,5 +78,5 @@ def test_accumulated_micro_batches_equal_one_larger_batch():
     loss.backward()
     for n, p in model.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(acc[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+            torch.testing.assert_close(acc[n], p.grad, rtol=1e-4, atol=1e-6)
     assert abs(parts["loss"] - loss.item()) < 1e-4

@@ -646,8 +646,16 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, keep_until_step: int | None
         metrics.unlink(missing_ok=True)
         (run_dir / "summary.json").unlink(missing_ok=True)
     elif metrics.exists():  # records written after the checkpoint we resume from are replayed
-        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+        kept = [line for line in metrics.read_text().splitlines() if _record_step(line) <= keep_until_step]
         atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a crash counts as after every checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
 
 
 class MetricsLog:

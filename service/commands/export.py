@@ -25,7 +25,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
     parser.add_argument("--half", action="store_true", help="float16 weights and compute")
     parser.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ), needs --calib")
     parser.add_argument("--calib", default=None, help="calibration frames: data.yaml, COCO json or image folder")
-    parser.add_argument("--quantize-head", action="store_true", help="with --int8: quantize the Detect head too")
+    parser.add_argument("--calib-frames", type=int, default=64, help="with --int8: calibration frames to use (default 64)")
+    parser.add_argument("--float-head", action="store_true",
+                        help="with --int8: keep the whole Detect head in float (its decode tail always stays float)")
     parser.add_argument("--data", default=None, help="with --int8 / --half: measure the mAP change on this dataset's val split")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check against PyTorch")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the latency figure (default 1)")
@@ -62,11 +64,11 @@ def run(args: argparse.Namespace) -> int:
     if result.verification is not None:
         print(f"parity with PyTorch: {'ok' if result.verification.passed else 'FAILED'} - {result.verification.summary()}")
     if args.int8:
-        q = quantize_onnx(float_out, out, calibration=args.calib, keep_head_float=not args.quantize_head,
-                          dataset=args.data, threads=args.threads)
+        q = quantize_onnx(float_out, out, calibration=args.calib, keep_head_float=args.float_head,
+                          max_calibration=args.calib_frames, dataset=args.data, threads=args.threads)
         report["quantize"] = q.to_dict()
         print(f"int8 -> {out} ({_mb(q.size_bytes)}, {q.size_ratio:.2f}x the fp32 size, "
-              f"{q.calibration_images} calibration frames, head {'int8' if args.quantize_head else 'float'})")
+              f"{q.calibration_images} calibration frames, head {'float' if args.float_head else 'int8, decode float'})")
         print(f"latency (batch 1, {q.threads} thread): fp32 {q.base_latency_ms:.1f} ms, int8 {q.latency_ms:.1f} ms "
               f"({q.latency_ratio:.2f}x)")
         if q.map50_95_change is not None:

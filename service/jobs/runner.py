@@ -26,6 +26,7 @@ from service.registry import ModelRegistry
 
 _STEP_KEYS = ("step", "global_step")
 _TOTAL_KEYS = ("total_steps", "max_steps", "total")
+_NOT_METRICS = ("world_size",)
 _CANCEL_POLL_SECONDS = 0.5
 
 
@@ -46,7 +47,7 @@ def _jsonable(value: Any) -> Any:
 def _scalar_metrics(data: dict[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in data.items():
-        if key in _STEP_KEYS or key in _TOTAL_KEYS:
+        if key in _STEP_KEYS or key in _TOTAL_KEYS or key in _NOT_METRICS:
             continue
         if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
             value = value.item()

@@ -101,29 +101,31 @@ async def detect(
 ) -> DetectOut:
     """Upload an image (multipart field ``image``) or send it base64 in JSON; boxes come back in the image's pixels."""
     data = await _read_image_bytes(request, settings)
-    image = await anyio.to_thread.run_sync(decode_image, data, settings.max_upload_bytes, settings.max_image_pixels)
     model_id = model or settings.default_model
     if model_id == settings.default_model and not request.app.state.ready and not pool.is_loaded(model_id):
         raise NotReadyError(
             f"the default model {model_id!r} is still being prepared; retry when GET /readyz answers 200"
         )
     loaded = await pool.get(model_id)
-    start = time.perf_counter()
-    try:
-        found = await anyio.to_thread.run_sync(
-            lambda: loaded.detector.detect(image, conf=conf, iou=iou, max_det=max_det)
-        )
-    except GlassesVisionError:
-        raise
-    except Exception as exc:  # onnxruntime failing on this model: say which model, keep serving
-        log.exception("inference with %s failed", model_id)
-        raise ModelLoadError(f"model {model_id!r} failed on this image ({type(exc).__name__}: {exc}); "
-                             "check the model with GET /v1/models/{id} or re-export it") from None
-    seconds = time.perf_counter() - start
+
+    def decode_and_detect():  # one trip to the thread pool per request
+        image = decode_image(data, settings.max_upload_bytes, settings.max_image_pixels)
+        start = time.perf_counter()
+        try:
+            found = loaded.detector.detect(image, conf=conf, iou=iou, max_det=max_det)
+        except GlassesVisionError:
+            raise
+        except Exception as exc:  # onnxruntime failing on this model: say which model, keep serving
+            log.exception("inference with %s failed", model_id)
+            raise ModelLoadError(f"model {model_id!r} failed on this image ({type(exc).__name__}: {exc}); "
+                                 "check the model with GET /v1/models/{id} or re-export it") from None
+        return image.shape, found, time.perf_counter() - start
+
+    shape, found, seconds = await anyio.to_thread.run_sync(decode_and_detect)
     metrics.observe_inference(model_id, seconds)
     return DetectOut(
         model=model_id,
-        image=ImageSize(width=int(image.shape[1]), height=int(image.shape[0])),
+        image=ImageSize(width=int(shape[1]), height=int(shape[0])),
         detections=[
             DetectionOut(
                 x1=float(d.box[0]), y1=float(d.box[1]), x2=float(d.box[2]), y2=float(d.box[3]),

@@ -104,7 +104,7 @@ def combine_adapters(
     first = peft_config[next(iter(weights))]
     peft_config[name] = {
         **first,
-        "peft_type": "lora",
+        "peft_type": "qlora" if first.get("peft_type") == "qlora" else "lora",
         "alpha": None,
         "use_rslora": False,
         "use_dora": False,
