@@ -21,6 +21,7 @@ from service.layers.peft import (
     save_adapter,
 )
 from tests.peft_fixtures import make_model, predict, quiet, train_steps
+from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.mark.parametrize(

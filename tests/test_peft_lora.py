@@ -30,6 +30,7 @@ from service.layers.peft import (
     unmerge_lora,
 )
 from tests.peft_fixtures import TinyNet, images, logits, make_model, predict, quiet, rel_diff, train_steps
+from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
 
 TOL = 1e-5
 

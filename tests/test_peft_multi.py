@@ -20,6 +20,7 @@ from service.layers.peft import (
 )
 from service.layers.tuners.combine import _dare, _ties
 from tests.peft_fixtures import logits, make_model, predict, rel_diff
+from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
 
 TARGETS = ["model.5.conv", "model.7.conv", "model.16.cv1.conv"]
 

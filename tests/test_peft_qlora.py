@@ -8,6 +8,7 @@ import torch
 from service.layers.peft import LoRALayer, NF4Weight, QLoRAConfig, apply_qlora, merge_lora, quantized_bytes
 from service.layers.tuners.nf4 import NF4_LEVELS, NF4_MAX_REL_ERROR
 from tests.peft_fixtures import make_model, predict, quiet, rel_diff
+from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
 
 
 def test_nf4_levels_are_the_papers_normal_quantiles():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
+
 
 def test_peft_report_script_generates_tables(tmp_path):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "peft_report.py"

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from service.layers.peft import apply_bitfit, apply_dora, apply_lora, apply_qlora
 from tests.peft_fixtures import images, loss_fn, make_model, quiet
+from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.mark.parametrize("apply", [

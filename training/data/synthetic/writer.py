@@ -15,7 +15,9 @@ from tqdm import tqdm
 from models.errors import ConfigError
 from training.data.synthetic.classes import CLASS_NAMES
 from training.data.synthetic.generator import DOMAINS, Effects, render_sample
-from training.data.yolo import write_data_yaml
+
+# training.data.yolo (write_data_yaml) imports torch through the dataset module; it is
+# imported inside generate_dataset so that the CLI's --help stays fast.
 
 IMAGE_FORMATS = ("png", "jpg")
 
@@ -61,6 +63,8 @@ def generate_dataset(
     byte-identical files, so a folder already generated with the same arguments is
     returned as it is; any other non-empty folder needs ``overwrite=True``.
     """
+    from training.data.yolo import write_data_yaml
+
     if domain not in DOMAINS:
         raise ConfigError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
     if n < 1:
