@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -120,10 +121,12 @@ class ModelPart(nn.Sequential):
     injecting LoRA into it) changes the model.
     """
 
-    def __init__(self, name: str, layers: "OrderedDict[str, nn.Module]"):
+    def __init__(self, name: str, layers: "OrderedDict[str, nn.Module]", root: "DetectionModel | None" = None):
         super().__init__(layers)
         self.part_name = name
         self.prefix = "model."
+        # A weak reference: the view must not keep the model alive, nor register it as a submodule.
+        self.root = weakref.ref(root) if root is not None else None
 
     def forward(self, *args, **kwargs):  # a part is a view, not a runnable network
         raise RuntimeError(f"the {self.part_name} is a view of the model's layers; run the whole DetectionModel instead")
@@ -257,7 +260,7 @@ class DetectionModel(_UltralyticsDetectionModel):
     def part(self, name: str) -> ModelPart:
         """The part ``backbone``, ``neck`` or ``head`` as a ModelPart view."""
         start, stop = self.part_bounds[self._check_part(name)]
-        return ModelPart(name, OrderedDict((str(i), self.model[i]) for i in range(start, stop)))
+        return ModelPart(name, OrderedDict((str(i), self.model[i]) for i in range(start, stop)), root=self)
 
     @property
     def backbone(self) -> ModelPart:

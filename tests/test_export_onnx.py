@@ -64,9 +64,12 @@ def test_export_from_model_and_run_dirs(tmp_path):
     assert r.source_sha256 == hashlib.sha256((run / "merged" / "model.safetensors").read_bytes()).hexdigest()
     # in memory the same weights hash the same: the hash identifies the checkpoint, not the file name
     assert _state_sha256(model) == r.source_sha256
-    rb = export_onnx(run, tmp_path / "best.onnx", best=True, imgsz=96, verify=False)
-    assert rb.source == str(run / "best") and rb.imgsz == (96, 96)
-    assert json.loads(rb.metadata["imgsz"]) == [96, 96]
+    rb = export_onnx(run, tmp_path / "best.onnx", best=True, imgsz=(64, 96), verify=False)  # rectangular input
+    assert rb.source == str(run / "best") and rb.imgsz == (64, 96)
+    assert json.loads(rb.metadata["imgsz"]) == [64, 96]
+    from export.runtime import Detector
+
+    assert Detector(rb.path).imgsz == (64, 96) and isinstance(Detector(rb.path).detect(generated_frames()[1]), list)
     assert rb.source_sha256 != r.source_sha256
 
 

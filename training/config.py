@@ -58,7 +58,7 @@ class TrainConfig:
     rank: int = 8
     #: LoRA alpha; None = the PEFT method's default.
     alpha: float | None = None
-    #: more keyword settings for ``apply_peft`` (e.g. ``{"parts": ["backbone", "neck"], "rslora": true}``).
+    #: more keyword settings for ``apply_peft`` (e.g. ``{"targets": ["backbone", "neck"], "use_rslora": true}``).
     peft_settings: dict[str, Any] = field(default_factory=dict)
 
     # --- optimisation -------------------------------------------------------

@@ -16,7 +16,6 @@ BitFit biases or the class branch) and ``peft_bn_stats`` (``"update"`` /
 from __future__ import annotations
 
 import fnmatch
-import gc
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -154,41 +153,11 @@ def root_model(module: nn.Module) -> tuple[nn.Module, list[str] | None]:
     """
     if not _is_part(module):
         return module, None
-    ref = getattr(module, "root", None) or getattr(module, "model_ref", None)
-    root = ref() if callable(ref) and not isinstance(ref, nn.Module) else ref
+    ref = getattr(module, "root", None)
+    root = ref() if ref is not None else None
     if root is None:
-        root = _find_owner(module)
+        raise ConfigError(f"the {module.part_name} view has lost its model; pass the DetectionModel itself")
     return root, [module.part_name]
-
-
-def _holders(obj: object) -> Iterator[nn.Module]:
-    """Modules that hold ``obj`` as a direct submodule (through their ``_modules`` dict)."""
-    for d in gc.get_referrers(obj):
-        if not isinstance(d, dict):
-            continue
-        for o in gc.get_referrers(d):
-            if isinstance(o, nn.Module) and o.__dict__.get("_modules") is d:
-                yield o
-            elif isinstance(o, dict) and o.get("_modules") is d:
-                for m in gc.get_referrers(o):
-                    if isinstance(m, nn.Module) and m.__dict__ is o:
-                        yield m
-
-
-def _find_owner(part: nn.Module) -> nn.Module:
-    """Find the DetectionModel whose ``model`` ModuleList holds the part's layers.
-
-    A ModelPart keeps no reference to its model, so the owner is found through
-    the garbage collector's referrer graph: layer -> ModuleList -> model.
-    """
-    first = next(iter(part._modules.values()))
-    for layers in _holders(first):
-        if not isinstance(layers, (nn.ModuleList, nn.Sequential)) or _is_part(layers):
-            continue
-        for model in _holders(layers):
-            if hasattr(model, "part_bounds") and model.__dict__["_modules"].get("model") is layers:
-                return model
-    raise ConfigError(f"cannot find the model the {part.part_name} view belongs to; pass the DetectionModel itself")
 
 
 def part_of(root: nn.Module, name: str) -> str:
