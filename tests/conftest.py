@@ -10,7 +10,9 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: tests also start subprocesses (uvicorn, job workers, gloo ranks); two threads per
+# process oversubscribe the 2-core CI machine and run many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
