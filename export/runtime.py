@@ -12,7 +12,6 @@ names and input size come from the file's metadata.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from models.images import pil_open
 from models.errors import CheckpointError, DataError
 from models.processing import postprocess, preprocess
 
@@ -46,15 +46,11 @@ def load_image(image: Any) -> np.ndarray:
         if not path.is_file():
             raise DataError(f"image {path} does not exist")
         try:
-            from PIL import Image, UnidentifiedImageError
+            from PIL import UnidentifiedImageError
         except ImportError:  # pragma: no cover - Pillow is optional on the glasses
             raise DataError("decoding image files needs Pillow; pass an RGB numpy array instead") from None
-        opener = Image.open
-        if getattr(opener, "__module__", "PIL.Image") != "PIL.Image":
-            # ultralytics (when imported) wraps Image.open to pip-install a HEIF plugin for unknown files
-            opener = getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", opener)
         try:
-            with opener(path) as im:
+            with pil_open(path) as im:
                 im.load()
                 return np.asarray(im.convert("RGB"))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

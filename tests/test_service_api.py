@@ -461,3 +461,11 @@ def test_garbage_never_gets_a_500(client, data_root):
     files = {"image": ("a.png", image_bytes(), "image/png"), "image2": ("b.png", image_bytes(), "image/png")}
     resp = client.post("/v1/detect", files=files)
     assert 400 <= resp.status_code < 500 and resp.json()["message"]
+
+
+def test_corrupt_upload_after_ultralytics_patched_pil_is_not_500(client):
+    """Regression: ultralytics wraps PIL's Image.open with a pip-installing fallback; uploads must bypass it."""
+    import ultralytics.utils.patches  # noqa: F401 - installs the wrapper
+
+    _assert_error(client.post("/v1/detect", files={"image": ("x.jpg", b"definitely not an image", "image/jpeg")}),
+                  415, "JPEG")

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from models.errors import DataError
+from models.images import pil_open
 from service.core.errors import PayloadTooLargeError, UnsupportedMediaError
 
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
@@ -30,7 +31,7 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            img = pil_open(io.BytesIO(data), formats=FORMATS)
         except UnidentifiedImageError:
             raise UnsupportedMediaError(
                 "the upload is not an image this service reads; send a JPEG, PNG, BMP, WebP or TIFF file"

@@ -14,15 +14,15 @@ usable image is always an error.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from models.images import pil_open
 from models.errors import DataError
 from models.processing import LetterboxInfo, letterbox
 from training.data.augment import AugmentConfig, DetectionAugment
@@ -50,19 +50,6 @@ class Record:
     boxes: np.ndarray  # (n, 4) float32
     normalized: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def pil_open(path: Path):
-    """PIL's own ``Image.open``.
-
-    Importing ultralytics replaces ``Image.open`` with a wrapper that, for a file PIL cannot
-    identify, runs ``check_requirements("pi-heif")`` (a pip install when online). A corrupt
-    file must become a DataError here, never an install, so the wrapper is bypassed.
-    """
-    opener = Image.open
-    if getattr(opener, "__module__", "PIL.Image") != "PIL.Image":
-        opener = getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", opener)
-    return opener(path)
 
 
 def load_image(path: Path) -> np.ndarray:
