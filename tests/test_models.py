@@ -216,3 +216,17 @@ def test_registry():
     assert create_model("yolov8n", nc=2).nc == 2
     with pytest.raises(NotFoundError, match="known names"):
         create_model("resnet50")
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    """Regression: files written through mkstemp were left mode 0600 (unreadable to other users)."""
+    import os
+
+    from models.io import atomic_write_json
+
+    mask = os.umask(0o022)
+    try:
+        path = atomic_write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644

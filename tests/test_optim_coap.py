@@ -253,3 +253,18 @@ def test_sparse_gradients_are_refused():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ConfigError, match="sparse"):
         opt.step()
+
+
+def test_tucker_ranks_fit_narrow_kernels():
+    """Regression: an 8x256x3x3 kernel (a LoRA-A conv in the head) unfolds to 256 x 72 on the input mode;
+    the Tucker rank must not exceed 72, else the first step failed with a shape mismatch."""
+    from training.optim import build_optimizer
+
+    p = torch.nn.Parameter(torch.randn(8, 256, 3, 3))
+    opt = build_optimizer("coap", [p], lr=1e-3)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    kind, (r0, r1) = opt.layout(p, opt.param_groups[0])
+    assert kind == "tucker" and r0 <= 8 and r1 <= 8 * 3 * 3
+    assert torch.isfinite(p).all()

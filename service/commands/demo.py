@@ -55,10 +55,9 @@ def run_demo(out: str | Path = "runs/demo", frames: int = 120, epochs: int = 6, 
                             overwrite=True)
     say("[2/5] evaluating the shipped base model (zero-shot) ...")
     before = evaluate(base, data, split="val", imgsz=imgsz, batch=16, quiet=quiet)
-    say("[3/5] fine-tuning: LoRA rank 8 on backbone + neck, COAP, gradient checkpointing (backbone, neck) ...")
+    say("[3/5] fine-tuning: LoRA rank 8 on every part, COAP, gradient checkpointing (backbone, neck) ...")
     config = TrainConfig(
         data=str(data), base=BASE_MODEL_NAME, imgsz=imgsz, peft="lora", rank=8, optimizer="coap",
-        peft_settings={"targets": ["backbone", "neck"]},
         grad_checkpoint=["backbone", "neck"], batch=8, epochs=epochs, lr=5e-3, warmup_fraction=0.1, eval_every=0,
         save_every=0, seed=seed, out=str(out / "run"), quiet=quiet,
     )

@@ -121,7 +121,12 @@ class ProjectedAdamW(Optimizer):
         rank = group["rank"]
         if p.dim() == 4 and p.shape[2] * p.shape[3] > 1 and self.conv_layout == "tucker":
             root = math.sqrt(group["rank_ratio_cnn"])
-            r = [min(d, rank if rank is not None else max(1, math.ceil(d / root))) for d in p.shape[:2]]
+            # A mode's rank can exceed neither its size nor the size of its unfolding's other side
+            # (e.g. an 8x256x3x3 LoRA-A kernel: the input mode unfolds to 256 x 72).
+            r = [
+                min(d, p.numel() // d, rank if rank is not None else max(1, math.ceil(d / root)))
+                for d in p.shape[:2]
+            ]
             return "tucker", (r[0], r[1])
         rows, cols = p.shape[0], p.numel() // p.shape[0]
         transposed = rows < cols
