@@ -52,6 +52,7 @@ def test_every_field_is_documented_with_a_default():
         ({"warmup_fraction": 1.5}, "warmup_fraction"),
         ({"in_backward": True, "accumulate": 4, "grad_clip": None}, "accumulate"),
         ({"in_backward": True, "accumulate": 1, "grad_clip": 10.0}, "clip"),
+        ({"peft": "adapters"}, "cannot be merged"),  # a run must end with merged weights for export
     ],
 )
 def test_validation_errors_name_the_setting(changes, words):

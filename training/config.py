@@ -234,6 +234,13 @@ class TrainConfig:
             methods = _peft_methods()
             if methods is not None and self.peft not in methods:
                 raise ConfigError(f"unknown PEFT method {self.peft!r}; known: none, {', '.join(methods)}")
+            if self.peft == "adapters":
+                # A run ends with merged/ (plain weights for export); bottleneck adapters sit after an
+                # activation and cannot be folded into the convolutions, so the recipe cannot finish.
+                raise ConfigError(
+                    "peft='adapters' cannot be merged into plain weights, and every run ends with a merged model "
+                    "for export; use lora, dora, bitfit or qlora (apply_adapters stays available from Python)"
+                )
 
 
 def _peft_methods() -> list[str] | None:
