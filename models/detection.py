@@ -404,7 +404,7 @@ class DetectionModel(_UltralyticsDetectionModel):
         if not trusted:
             raise UntrustedCheckpointError(
                 f"{path} is a pickled ultralytics checkpoint and loading it executes code from the file; "
-                "pass trusted=True (CLI: --trust-pickle) if you trust its origin"
+                "pass trusted=True (CLI: glasses-vision import --trust-pickle) if you trust its origin"
             )
         if not path.is_file():
             raise CheckpointError(f"{path} does not exist")

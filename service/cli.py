@@ -19,7 +19,10 @@ COMMANDS = {
     "export": "export a model or run to ONNX for the glasses runtime",
     "serve": "start the HTTP service",
     "demo": "the main job: generate data, fine-tune, evaluate, export",
+    "import": "import an ultralytics .pt checkpoint as a model directory",
 }
+#: Subcommands whose module name differs from the command (``import`` is a Python keyword).
+MODULES = {"import": "import_ultralytics"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         try:
-            module = importlib.import_module(f"service.commands.{name}")
+            module_name = f"service.commands.{MODULES.get(name, name)}"
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name != f"service.commands.{name}":
+            if exc.name != module_name:
                 raise
             continue
         module.add_parser(sub, name, help_text)

@@ -230,3 +230,17 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_cli_import_requires_trust_and_writes_a_model_dir(tmp_path):
+    from service.cli import main
+
+    reference = UltralyticsDetectionModel("yolov8n.yaml", nc=2, verbose=False)
+    reference.names = {0: "shelf", 1: "price_tag"}
+    ckpt = tmp_path / "best.pt"
+    _write_ultralytics_checkpoint(ckpt, reference)
+    assert main(["import", str(ckpt), "--out", str(tmp_path / "m")]) == 2  # refused without --trust-pickle
+    assert not (tmp_path / "m").exists()
+    assert main(["import", str(ckpt), "--out", str(tmp_path / "m"), "--trust-pickle"]) == 0
+    model = DetectionModel.load(tmp_path / "m")
+    assert model.names == {0: "shelf", 1: "price_tag"} and model.imgsz == 320
