@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--mosaic", type=float, default=0.0, help="chance of a 2x2 mosaic sample (AugmentConfig.mosaic)")
+    p.add_argument("--ema-tau", type=float, default=100.0, help="EMA ramp time constant in steps")
     p.add_argument("--install", action="store_true", help="copy the result into models/weights/base/ with its card")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -66,8 +68,8 @@ def main(argv=None) -> int:
     gen_s = time.perf_counter() - t0
     config = TrainConfig(
         data=str(source), base="yolo11n", imgsz=args.imgsz, epochs=args.epochs, max_steps=args.max_steps,
-        batch=args.batch, lr=args.lr, weight_decay=5e-4, warmup_fraction=0.05, ema=True, ema_tau=100.0,
-        augment=True, eval_every=args.eval_every, save_every=50, seed=args.seed, out=str(out), quiet=args.quiet,
+        batch=args.batch, lr=args.lr, weight_decay=5e-4, warmup_fraction=0.05, ema=True, ema_tau=args.ema_tau,
+        augment=True, augment_settings={"mosaic": args.mosaic} if args.mosaic else {}, eval_every=args.eval_every, save_every=50, seed=args.seed, out=str(out), quiet=args.quiet,
         eval_batch=32,
     )
     result = train(config)
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
         "training": {"steps": result.steps, "wall_time_s": round(result.wall_time_s, 1),
                      "data_generation_s": round(gen_s, 1), "torch_threads": args.threads,
                      "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                     "torch": torch.__version__, "trainable_parameters": result.trainable.get("trainable")},
+                     "torch": torch.__version__, "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "trainable_parameters": result.trainable.get("trainable")},
     }
     print(json.dumps(card["metrics"], indent=2))
     from models.io import atomic_write_json

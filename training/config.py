@@ -27,6 +27,8 @@ from models.errors import ConfigError
 AMP_MODES = ("none", "bf16")
 PARTS = ("backbone", "neck", "head")
 DEVICES = ("auto", "cpu", "cuda")
+#: ``peft`` values that mean full fine-tuning (every weight trains; no adapter is written).
+FULL_FINE_TUNING = ("none", "full")
 
 
 @dataclass
@@ -40,6 +42,13 @@ class TrainConfig:
     imgsz: int = 320
     #: train-time augmentation (``training.data``'s augment switch).
     augment: bool = True
+    #: augmentation settings (``training.data.augment.AugmentConfig`` fields, e.g. ``{"mosaic": 0.5, "scale": [0.5, 1.5]}``).
+    augment_settings: dict[str, Any] = field(default_factory=dict)
+    #: source-domain dataset (YOLO ``data.yaml`` / COCO json, same classes) whose train frames are mixed into every
+    #: optimizer step so that the source domain is not forgotten (None = no replay).
+    replay: str | None = None
+    #: share of each optimizer step's images taken from ``replay`` (the rest come from ``data``).
+    replay_fraction: float = 0.0
     #: DataLoader worker processes (0 = load in the training process; the exact-resume guarantee assumes 0).
     workers: int = 0
 
@@ -217,6 +226,14 @@ class TrainConfig:
             raise ConfigError(f"memory_limit_mb must be positive, got {self.memory_limit_mb}")
         if not isinstance(self.peft_settings, Mapping) or not isinstance(self.optimizer_settings, Mapping):
             raise ConfigError("peft_settings and optimizer_settings must be mappings of keyword settings")
+        self.augment_config()
+        if not 0 <= self.replay_fraction < 1:
+            raise ConfigError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if self.replay_fraction > 0 and not self.replay:
+            raise ConfigError("replay_fraction > 0 needs a replay dataset (CLI --replay SOURCE.yaml)")
+        if self.replay and self.replay_fraction > 0 and self.replay_images_per_step() == 0:
+            raise ConfigError(f"replay_fraction={self.replay_fraction} of a global batch of "
+                              f"{self.batch * self.accumulate} images is less than one image; raise it or the batch")
         self._validate_names()
         if self.in_backward:
             from training.optim import check_in_backward_compatible
@@ -224,13 +241,41 @@ class TrainConfig:
             check_in_backward_compatible(accumulate=self.accumulate, clip_grad_norm=self.grad_clip or None)
         return self
 
+    @property
+    def full_fine_tuning(self) -> bool:
+        """True when every weight trains (``peft`` is ``none`` or ``full``): no adapter to save."""
+        return self.peft in FULL_FINE_TUNING
+
+    def replay_images_per_step(self, world: int = 1) -> int:
+        """Images of each optimizer step drawn from the replay set (0 without replay)."""
+        if not self.replay or self.replay_fraction <= 0:
+            return 0
+        return int(round(self.replay_fraction * self.batch * self.accumulate * world))
+
+    def augment_config(self):
+        """The ``AugmentConfig`` this run trains with, or None when augmentation is off."""
+        if not isinstance(self.augment_settings, Mapping):
+            raise ConfigError("augment_settings must be a mapping of AugmentConfig fields, e.g. {mosaic: 0.5}")
+        from training.data.augment import AugmentConfig
+
+        known = {f.name for f in fields(AugmentConfig)}
+        unknown = sorted(set(self.augment_settings) - known)
+        if unknown:
+            raise ConfigError(f"unknown augment_settings {unknown}; known: {', '.join(sorted(known))}")
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.augment_settings.items()}
+        try:
+            config = AugmentConfig(**values)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"augment_settings: {exc}") from exc
+        return config if self.augment else None
+
     def _validate_names(self) -> None:
         from training.optim import list_optimizers
 
         key = str(self.optimizer).lower().replace("-", "").replace("_", "")
         if key not in list_optimizers():
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(list_optimizers())}")
-        if self.peft != "none":
+        if not self.full_fine_tuning:
             methods = _peft_methods()
             if methods is not None and self.peft not in methods:
                 raise ConfigError(f"unknown PEFT method {self.peft!r}; known: none, {', '.join(methods)}")

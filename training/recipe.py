@@ -84,11 +84,14 @@ def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: Sto
 
     # 1. data: fail on a missing / empty dataset before building anything heavy
     train_ds, val_ds = build_datasets(cfg)
+    replay_ds = build_replay_dataset(cfg, train_ds)
     global_batch = cfg.batch * cfg.accumulate * dist_info.world
-    steps_per_epoch = len(train_ds) // global_batch
+    replay_per_step = cfg.replay_images_per_step(dist_info.world)
+    steps_per_epoch = len(train_ds) // (global_batch - replay_per_step)
     if steps_per_epoch == 0:
-        raise ConfigError(f"the training set has {len(train_ds)} images but one optimizer step needs {global_batch} "
-                          f"(batch {cfg.batch} x accumulate {cfg.accumulate} x {dist_info.world} processes); lower batch or accumulate")
+        raise ConfigError(f"the training set has {len(train_ds)} images but one optimizer step needs "
+                          f"{global_batch - replay_per_step} (batch {cfg.batch} x accumulate {cfg.accumulate} x "
+                          f"{dist_info.world} processes, minus {replay_per_step} replayed); lower batch or accumulate")
     total_steps = min(cfg.max_steps or 1 << 62, cfg.epochs * steps_per_epoch)
 
     # 2. model + PEFT + memory savers
@@ -130,7 +133,7 @@ def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: Sto
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(state["epoch"], n_epochs):
         start_in_epoch = state["epoch_step"] if epoch == state["epoch"] else 0
-        loader = build_loader(train_ds, cfg, dist_info, epoch, start_in_epoch, steps_per_epoch)
+        loader = build_loader(train_ds, cfg, dist_info, epoch, start_in_epoch, steps_per_epoch, replay_ds)
         batches = iter(loader)
         for epoch_step in range(start_in_epoch, steps_per_epoch):
             if step >= total_steps:
@@ -283,7 +286,7 @@ def build_datasets(cfg: TrainConfig):
     path = Path(cfg.data)
     if not path.exists():
         raise ConfigError(f"dataset {cfg.data} does not exist; pass a YOLO data.yaml or a COCO json (--data)")
-    train_ds = build_dataset(str(path), split="train", imgsz=cfg.imgsz, augment=cfg.augment)
+    train_ds = build_dataset(str(path), split="train", imgsz=cfg.imgsz, augment=cfg.augment_config() or False)
     val_ds = build_dataset(str(path), split="val", imgsz=cfg.imgsz, augment=False)
     if len(train_ds) == 0:
         raise DataError(f"{cfg.data} has no training images")
@@ -300,12 +303,18 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     ``m`` of rank ``r`` is sub-slice ``m*world + r``. So the images of a step do not
     depend on how they are split into processes and micro-batches, and resuming at
     step ``s`` needs nothing but ``s``.
+
+    With replay (``replay_n`` images stored after the ``n`` target images, ``replay_per_step``
+    of them per step), a step takes ``G - replay_per_step`` target images and
+    ``replay_per_step`` replay images from a permutation of its own, cycled; the step's
+    list is shuffled (seeded by the step) before it is cut into micro-batches.
     """
 
     def __init__(self, n: int, batch: int, accumulate: int, rank: int, world: int, seed: int, epoch: int,
-                 start_step: int, steps: int, shuffle: bool = True):
+                 start_step: int, steps: int, shuffle: bool = True, replay_n: int = 0, replay_per_step: int = 0):
         self.n, self.batch, self.accumulate, self.rank, self.world = n, batch, accumulate, rank, world
         self.seed, self.epoch, self.start_step, self.steps, self.shuffle = seed, epoch, start_step, steps, shuffle
+        self.replay_n, self.replay_per_step = replay_n, replay_per_step if replay_n else 0
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
@@ -313,20 +322,55 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         else:
             order = list(range(self.n))
         g = self.batch * self.accumulate * self.world
+        g_target = g - self.replay_per_step
         for s in range(self.start_step, self.steps):
+            step_items = order[s * g_target : (s + 1) * g_target] + self._replay_items(s)
+            if self.replay_per_step:
+                mix = torch.randperm(g, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729 + s))
+                step_items = [step_items[i] for i in mix.tolist()]
             for m in range(self.accumulate):
-                lo = s * g + (m * self.world + self.rank) * self.batch
-                yield order[lo : lo + self.batch]
+                lo = (m * self.world + self.rank) * self.batch
+                yield step_items[lo : lo + self.batch]
+
+    def _replay_items(self, step: int) -> list[int]:
+        """Replay indices (offset by ``n``) of one step; the replay permutation is drawn per epoch and cycled."""
+        if not self.replay_per_step:
+            return []
+        gen = torch.Generator().manual_seed(self.seed + 1_000_003 + self.epoch)
+        perm = torch.randperm(self.replay_n, generator=gen).tolist()
+        lo = step * self.replay_per_step
+        return [self.n + perm[(lo + i) % self.replay_n] for i in range(self.replay_per_step)]
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.accumulate
 
 
-def build_loader(ds, cfg: TrainConfig, info: DistInfo, epoch: int, start_step: int, steps: int):
+def build_replay_dataset(cfg: TrainConfig, train_ds):
+    """The source-domain train split mixed into every step (``replay``), or None."""
+    if not cfg.replay or cfg.replay_fraction <= 0:
+        return None
+    from training.data import build_dataset
+
+    if not Path(cfg.replay).exists():
+        raise ConfigError(f"replay dataset {cfg.replay} does not exist; pass the source domain's data.yaml (--replay)")
+    replay_ds = build_dataset(str(cfg.replay), split="train", imgsz=cfg.imgsz, augment=cfg.augment_config() or False)
+    if list(replay_ds.names) != list(train_ds.names):
+        raise ConfigError(f"the replay dataset's classes {list(replay_ds.names)} differ from the training set's "
+                          f"{list(train_ds.names)}; replay needs the same classes in the same order")
+    if len(replay_ds) == 0:
+        raise DataError(f"replay dataset {cfg.replay} has no training images")
+    return replay_ds
+
+
+def build_loader(ds, cfg: TrainConfig, info: DistInfo, epoch: int, start_step: int, steps: int, replay_ds=None):
     from training.data import collate
 
+    replay_n = len(replay_ds) if replay_ds is not None else 0
     sampler = GlobalBatchSampler(len(ds), cfg.batch, cfg.accumulate, info.rank, info.world, cfg.seed, epoch,
-                                 start_step, steps)
+                                 start_step, steps, replay_n=replay_n,
+                                 replay_per_step=cfg.replay_images_per_step(info.world) if replay_n else 0)
+    if replay_ds is not None:
+        ds = torch.utils.data.ConcatDataset([ds, replay_ds])
     # a generator of its own: creating the loader must not draw from the global RNG (exact resume)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
@@ -352,7 +396,7 @@ def build_model(cfg: TrainConfig, names: list[str]) -> nn.Module:
                 )
             model.reset_classes(names)
     model.imgsz = cfg.imgsz
-    if cfg.peft in ("none", "full"):
+    if cfg.full_fine_tuning:
         for name, p in model.named_parameters():
             p.requires_grad_(".dfl." not in name)  # the DFL projection is a fixed decoder (as in ultralytics)
     else:
@@ -625,7 +669,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
 def write_final_weights(cfg: TrainConfig, model, ema, run_dir: Path) -> tuple[Path | None, Path]:
     net = eval_model(model, ema)
     adapter_dir = None
-    if cfg.peft != "none":
+    if not cfg.full_fine_tuning:
         from service.layers.peft import save_adapter
 
         adapter_dir = run_dir / "adapter"

@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
     add("--grad-clip", type=float, help="global gradient-norm clip (default 10; 0 = off)")
     add("--ema", action="store_true", default=None, help="keep an EMA of the weights and ship it")
     add("--no-augment", dest="augment", action="store_false", default=None, help="turn train-time augmentation off")
+    add("--mosaic", type=float, metavar="P", help="chance of a 2x2 mosaic training sample (augment_settings.mosaic)")
+    add("--replay", metavar="SOURCE_YAML", help="mix the train frames of this source dataset into every step (no forgetting)")
+    add("--replay-fraction", type=float, metavar="F", help="share of each step's images taken from --replay (e.g. 0.25)")
     add("--eval-every", type=int, help="evaluate every N epochs (default 1; 0 = only at the end)")
     add("--save-every", type=int, help="checkpoint every N steps (default 50)")
     add("--memory-limit-mb", type=float, help="refuse a micro-batch whose exact bytes exceed this")
@@ -53,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
 
 FIELDS = ("data", "base", "new_classes", "peft", "rank", "alpha", "optimizer", "in_backward", "lr", "weight_decay",
           "epochs", "max_steps", "batch", "accumulate", "imgsz", "grad_checkpoint", "amp", "grad_clip", "ema", "augment",
-          "eval_every", "save_every", "memory_limit_mb", "workers", "seed", "device", "out", "resume", "quiet")
+          "replay", "replay_fraction", "eval_every", "save_every", "memory_limit_mb", "workers", "seed", "device", "out", "resume", "quiet")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -63,6 +66,8 @@ def config_from_args(args: argparse.Namespace):
 
     values = TrainConfig.from_file(args.config).to_dict() if args.config else {}
     values.update({k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None})
+    if args.mosaic is not None:
+        values["augment_settings"] = {**values.get("augment_settings", {}), "mosaic": args.mosaic}
     values.update(parse_overrides(args.set))
     return TrainConfig.from_dict(values)
 

@@ -1,0 +1,104 @@
+"""Replay (source frames mixed into every step), augmentation settings, and full fine-tuning by name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from models.errors import ConfigError
+from recipe_fixtures import tiny_config, tiny_dataset
+from training.config import TrainConfig
+from training.recipe import GlobalBatchSampler, train
+
+
+def _batches(**kw):
+    base = dict(n=12, batch=4, accumulate=2, rank=0, world=1, seed=3, epoch=1, start_step=0, steps=1)
+    base.update(kw)
+    return list(GlobalBatchSampler(**base))
+
+
+def test_sampler_without_replay_takes_consecutive_slices_of_the_epoch_permutation():
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(3 + 1)).tolist()
+    assert _batches() == [order[0:4], order[4:8]]
+
+
+def test_sampler_mixes_the_asked_share_of_replay_images_into_each_step():
+    steps = _batches(n=30, steps=3, replay_n=5, replay_per_step=2)
+    assert len(steps) == 6 and all(len(b) == 4 for b in steps)
+    for s in range(3):
+        step = steps[2 * s] + steps[2 * s + 1]
+        replayed = [i for i in step if i >= 30]
+        assert len(replayed) == 2 and all(30 <= i < 35 for i in replayed)
+        assert len(set(step)) == 8
+    target = [i for b in steps for i in b if i < 30]
+    assert len(target) == len(set(target)) == 18  # every target image at most once per epoch
+
+
+def test_sampler_with_replay_resumes_at_any_step():
+    kw = dict(n=30, steps=3, replay_n=5, replay_per_step=2)
+    assert _batches(**kw)[2:] == _batches(start_step=1, **kw)
+
+
+def test_sampler_splits_a_step_the_same_way_across_processes():
+    kw = dict(n=40, batch=2, accumulate=1, steps=2, replay_n=7, replay_per_step=1)
+    one = _batches(world=1, **{**kw, "batch": 4})
+    ranks = [_batches(world=2, rank=r, **kw) for r in range(2)]
+    for s in range(2):
+        assert sorted(one[s]) == sorted(ranks[0][s] + ranks[1][s])
+
+
+def test_replay_settings_are_checked_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="replay_fraction"):
+        tiny_config(tmp_path, replay_fraction=1.0, replay=str(tiny_dataset())).validate()
+    with pytest.raises(ConfigError, match="needs a replay dataset"):
+        tiny_config(tmp_path, replay_fraction=0.25).validate()
+    with pytest.raises(ConfigError, match="less than one image"):
+        tiny_config(tmp_path, replay=str(tiny_dataset()), replay_fraction=0.05, batch=4).validate()
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(tiny_config(tmp_path / "r", replay=str(tmp_path / "missing.yaml"), replay_fraction=0.25, max_steps=1))
+
+
+def test_a_run_with_replay_reads_source_frames(tmp_path, monkeypatch):
+    source = tiny_dataset(n=20, imgsz=64, domain="source", seed=5)
+    target = tiny_dataset(n=20, imgsz=64, domain="egocentric", seed=6)
+    seen = []
+    from training.data import dataset as dataset_module
+
+    original = dataset_module.DetectionDataset.__getitem__
+
+    def spy(self, i):
+        item = original(self, i)
+        seen.append(item["im_file"])
+        return item
+
+    monkeypatch.setattr(dataset_module.DetectionDataset, "__getitem__", spy)
+    result = train(tiny_config(tmp_path / "run", data=str(target), replay=str(source), replay_fraction=0.5,
+                               max_steps=2))
+    assert result.status == "completed" and result.steps == 2
+    train_reads = seen[-(2 * 4 + 4):-4]  # the two steps' 8 images, before the 4 val images of the final eval
+    from_source = [f for f in train_reads if str(source.parent) in f]
+    assert len(from_source) == 4
+
+
+def test_augment_settings_reach_the_dataset_and_bad_ones_are_refused(tmp_path):
+    cfg = tiny_config(tmp_path, augment_settings={"mosaic": 0.5, "scale": [0.5, 1.5]})
+    aug = cfg.validate().augment_config()
+    assert aug.mosaic == 0.5 and aug.scale == (0.5, 1.5)
+    assert tiny_config(tmp_path, augment=False, augment_settings={"mosaic": 1.0}).augment_config() is None
+    with pytest.raises(ConfigError, match="unknown augment_settings"):
+        tiny_config(tmp_path, augment_settings={"mosiac": 0.5}).validate()
+
+
+def test_peft_full_trains_every_weight_and_finishes_from_the_cli(tmp_path):
+    """``--peft full`` used to fail after training: the run saved an adapter that did not exist."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "service.cli", "train", "--data", str(tiny_dataset()), "--base", "yolo11n",
+           "--peft", "full", "--imgsz", "64", "--batch", "4", "--max-steps", "1", "--eval-every", "0", "--out", str(out),
+           "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "merged" / "model.safetensors").is_file() and not (out / "adapter").exists()
+    assert TrainConfig.from_file(out / "config.yaml").full_fine_tuning
