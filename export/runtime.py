@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -115,16 +115,32 @@ class Detector:
 
     def detect(self, image: Any, conf: float = 0.25, iou: float = 0.45, max_det: int = 300) -> list[Detection]:
         """Detections in one frame (an RGB HWC array, a PIL image or an image path), in its own pixels."""
-        frame = load_image(image)
-        x, info = preprocess(frame, self.imgsz)
-        pred = self.raw(x)[0]
-        boxes, scores, classes = postprocess(pred, info, conf=conf, iou=iou, max_det=max_det)
-        return [
-            Detection(
-                box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
-                score=float(s),
-                class_id=int(c),
-                class_name=self.names[int(c)] if int(c) < len(self.names) else str(int(c)),
-            )
-            for b, s, c in zip(boxes, scores, classes)
-        ]
+        return detect_frame(self.raw, load_image(image), self.imgsz, self.names, conf=conf, iou=iou, max_det=max_det)
+
+
+def detect_frame(
+    raw: Callable[[np.ndarray], np.ndarray],
+    frame: np.ndarray,
+    imgsz: tuple[int, int],
+    names: Sequence[str],
+    conf: float = 0.25,
+    iou: float = 0.45,
+    max_det: int = 300,
+) -> list[Detection]:
+    """The one path from a frame to detections: letterbox, ``raw`` (the network), NMS, boxes in frame pixels.
+
+    ``raw`` maps a ``(1, 3, H, W)`` float input to the decoded output ``(1, 4 + nc, A)``: an onnxruntime
+    session (:meth:`Detector.raw`) or a PyTorch model (``glasses-vision predict`` on a model directory).
+    """
+    x, info = preprocess(frame, imgsz)
+    pred = np.asarray(raw(x), dtype=np.float32)[0]
+    boxes, scores, classes = postprocess(pred, info, conf=conf, iou=iou, max_det=max_det)
+    return [
+        Detection(
+            box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+            score=float(s),
+            class_id=int(c),
+            class_name=names[int(c)] if int(c) < len(names) else str(int(c)),
+        )
+        for b, s, c in zip(boxes, scores, classes)
+    ]
