@@ -20,6 +20,7 @@ COMMANDS = {
     "serve": "start the HTTP service",
     "demo": "the main job: generate data, fine-tune, evaluate, export",
     "import": "import an ultralytics .pt checkpoint as a model directory",
+    "predict": "detect objects in images, folders, globs or videos; write annotated copies and predictions.jsonl",
 }
 #: Subcommands whose module name differs from the command (``import`` is a Python keyword).
 MODULES = {"import": "import_ultralytics"}
