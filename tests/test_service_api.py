@@ -99,7 +99,7 @@ def test_metrics_prometheus_text(client):
     text = client.get("/metrics").text
     assert 'glasses_vision_http_requests_total{method="POST",route="/v1/detect",status="200"} 1' in text
     assert 'glasses_vision_http_requests_total{method="POST",route="/v1/detect",status="422"} 1' in text
-    assert 'glasses_vision_http_request_duration_seconds_bucket{method="POST",route="/v1/detect",le="+Inf"} 2' in text
+    assert 'glasses_vision_http_request_duration_seconds_bucket{le="+Inf",method="POST",route="/v1/detect"} 2' in text
     assert f'glasses_vision_inference_duration_seconds_count{{model="{DEFAULT_MODEL_ID}"}} 1' in text
     assert 'glasses_vision_jobs{state="queued"} 0' in text
     assert "# TYPE glasses_vision_jobs gauge" in text

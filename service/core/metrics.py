@@ -1,97 +1,74 @@
-"""Request counters and latency histograms, rendered in the Prometheus text format (0.0.4)."""
+"""The service's Prometheus metrics, kept by ``prometheus_client``.
+
+One ``CollectorRegistry`` per app (so two apps in one process, as in the tests, do not share counts) holds the
+request counters and latency histograms, the inference histogram, the rejection counter, three gauges set at
+scrape time (jobs by state, models loaded, detects in flight) and ``prometheus_client``'s process collector
+(``process_resident_memory_bytes``, ``process_cpu_seconds_total``, ``process_open_fds``, ...) and platform
+collector (``python_info``).
+"""
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from typing import Mapping
 
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def _labels(**labels: str) -> str:
-    esc = {k: str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for k, v in labels.items()}
-    return "{" + ",".join(f'{k}="{v}"' for k, v in esc.items()) + "}"
-
-
-class Histogram:
-    """A cumulative-bucket histogram of seconds."""
-
-    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.total += seconds
-
-    def render(self, name: str, **labels: str) -> list[str]:
-        lines, running = [], 0
-        for bound, count in zip((*self.buckets, float("inf")), self.counts):
-            running += count
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            lines.append(f"{name}_bucket{_labels(**labels, le=le)} {running}")
-        lines.append(f"{name}_sum{_labels(**labels)} {self.total:.6f}")
-        lines.append(f"{name}_count{_labels(**labels)} {running}")
-        return lines
+PREFIX = "glasses_vision"
 
 
 class Metrics:
-    """Thread-safe counters for HTTP requests and model inference."""
+    """The app's metrics; counters and histograms are thread-safe (``prometheus_client`` locks them)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.latency: dict[tuple[str, str], Histogram] = {}
-        self.inference: dict[str, Histogram] = {}
-        self.rejected: dict[str, int] = {}
+    def __init__(self, registry: CollectorRegistry | None = None, process_metrics: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}_http_requests_total", "HTTP requests by method, route and status.",
+                                ["method", "route", "status"], registry=r)
+        self.latency = Histogram(f"{PREFIX}_http_request_duration_seconds", "HTTP request latency.",
+                                 ["method", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram(f"{PREFIX}_inference_duration_seconds", "Model inference time per image.",
+                                   ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter(f"{PREFIX}_rejected_requests_total", "Requests refused by a limit.", ["reason"],
+                                registry=r)
+        self.jobs = Gauge(f"{PREFIX}_jobs", "Jobs in the store by state.", ["state"], registry=r)
+        self.models_loaded = Gauge(f"{PREFIX}_models_loaded", "ONNX sessions loaded.", registry=r)
+        self.in_flight = Gauge(f"{PREFIX}_inference_in_flight", "Detect requests being served.", registry=r)
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        self._scrape_lock = threading.Lock()
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        with self._lock:
-            key = (method, route, str(status))
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.latency.setdefault((method, route), Histogram()).observe(seconds)
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
 
     def observe_inference(self, model: str, seconds: float) -> None:
-        with self._lock:
-            self.inference.setdefault(model, Histogram()).observe(seconds)
+        self.inference.labels(model).observe(seconds)
 
     def count_rejected(self, reason: str) -> None:
-        with self._lock:
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.rejected.labels(reason).inc()
 
     def render(self, jobs_by_state: Mapping[str, int], models_loaded: int, in_flight: int) -> str:
-        """The whole exposition, ending with a newline."""
-        out: list[str] = []
-        with self._lock:
-            out += ["# HELP glasses_vision_http_requests_total HTTP requests by method, route and status.",
-                    "# TYPE glasses_vision_http_requests_total counter"]
-            for (method, route, status), n in sorted(self.requests.items()):
-                out.append(f"glasses_vision_http_requests_total{_labels(method=method, route=route, status=status)} {n}")
-            out += ["# HELP glasses_vision_http_request_duration_seconds HTTP request latency.",
-                    "# TYPE glasses_vision_http_request_duration_seconds histogram"]
-            for (method, route), hist in sorted(self.latency.items()):
-                out += hist.render("glasses_vision_http_request_duration_seconds", method=method, route=route)
-            out += ["# HELP glasses_vision_inference_duration_seconds Model inference time per image.",
-                    "# TYPE glasses_vision_inference_duration_seconds histogram"]
-            for model, hist in sorted(self.inference.items()):
-                out += hist.render("glasses_vision_inference_duration_seconds", model=model)
-            out += ["# HELP glasses_vision_rejected_requests_total Requests refused by a limit.",
-                    "# TYPE glasses_vision_rejected_requests_total counter"]
-            for reason, n in sorted(self.rejected.items()):
-                out.append(f"glasses_vision_rejected_requests_total{_labels(reason=reason)} {n}")
-        out += ["# HELP glasses_vision_jobs Jobs in the store by state.", "# TYPE glasses_vision_jobs gauge"]
-        for state, n in sorted(jobs_by_state.items()):
-            out.append(f"glasses_vision_jobs{_labels(state=state)} {n}")
-        out += ["# HELP glasses_vision_models_loaded ONNX sessions loaded.", "# TYPE glasses_vision_models_loaded gauge",
-                f"glasses_vision_models_loaded {models_loaded}",
-                "# HELP glasses_vision_inference_in_flight Detect requests being served.",
-                "# TYPE glasses_vision_inference_in_flight gauge", f"glasses_vision_inference_in_flight {in_flight}"]
-        return "\n".join(out) + "\n"
+        """Set the scrape-time gauges and return the exposition in the Prometheus text format."""
+        with self._scrape_lock:  # two scrapes at once must not interleave clearing and setting the job gauge
+            self.jobs.clear()
+            for state, n in jobs_by_state.items():
+                self.jobs.labels(state).set(n)
+            self.models_loaded.set(models_loaded)
+            self.in_flight.set(in_flight)
+            return generate_latest(self.registry).decode("utf-8")
 
 
 class MetricsMiddleware:
