@@ -16,6 +16,7 @@ from service.layers.peft import (
     apply_dora,
     apply_lora,
     apply_qlora,
+    has_peft_layers,
     load_adapter,
     read_adapter_config,
     save_adapter,
@@ -82,12 +83,12 @@ def test_other_rank_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="rank 4 in the file, rank 2 in the model"):
         load_adapter(other, tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    cfg["modules"]["model.5.conv"]["rank"] = 8  # a config that does not match its tensors
+    cfg["config"]["rank_pattern"]["model.5.conv"] = 8  # a config that does not match its tensors
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
     fresh = make_model()
     with pytest.raises(CheckpointError, match="other shapes"):
         load_adapter(fresh, tmp_path / "a")
-    assert not hasattr(fresh.model[5].conv, "base_layer")  # rolled back
+    assert not has_peft_layers(fresh)  # rolled back
 
 
 def test_missing_and_unknown_errors(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.layers.peft import LoRALayer, NF4Weight, QLoRAConfig, apply_qlora, merge_lora, quantized_bytes
+from service.layers.peft import NF4Weight, QLoRAConfig, QLoRALayer, apply_qlora, merge_lora, quantized_bytes
 from service.layers.tuners.nf4 import NF4_LEVELS, NF4_MAX_REL_ERROR
 from tests.peft_fixtures import make_model, predict, quiet, rel_diff
 from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
@@ -50,7 +50,7 @@ def test_quantised_base_is_under_three_tenths_of_fp32_and_merges_to_float(tmp_pa
     quiet(apply_qlora, model, QLoRAConfig(rank=16, double_quant=True))
     stored, fp32 = quantized_bytes(model)
     assert fp32 > 0 and stored <= 0.3 * fp32
-    quantised = [m for m in model.modules() if isinstance(m, LoRALayer) and m.nf4 is not None]
+    quantised = [m for m in model.modules() if isinstance(m, QLoRALayer) and m.nf4 is not None]
     assert quantised and all("weight" not in m.base_layer._parameters for m in quantised)
     out = predict(model, x)
     merge_lora(model)

@@ -18,23 +18,21 @@ from torch import nn
 from models.errors import ConfigError
 from service.layers.tuners.base import (
     BaseTunerLayer,
+    TunerConfig,
+    build_config,
     check_choice,
     check_new_adapter_name,
-    mark_class_branch,
+    finish_apply,
     part_of,
-    peft_state,
-    refresh_trainable,
     root_model,
-    set_bn_stats,
-    target_to_json,
 )
-from service.layers.tuners.lora import build_config
+from service.layers.tuners.registry import register_peft_method
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(TunerConfig):
     """Settings of bottleneck adapters.
 
     Attributes:
@@ -60,30 +58,29 @@ class AdapterConfig:
     peft_type = "adapters"
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.reduction, int) or self.reduction <= 0:
             raise ConfigError(f"reduction must be a positive integer, got {self.reduction!r}")
         if not isinstance(self.min_hidden, int) or self.min_hidden <= 0:
             raise ConfigError(f"min_hidden must be a positive integer, got {self.min_hidden!r}")
         check_choice(self.activation, tuple(ACTIVATIONS), "activation")
-        if self.bn_stats is not None:
-            check_choice(self.bn_stats, ("update", "freeze"), "bn_stats")
         if isinstance(self.after, (str, int)):
             self.after = [self.after]
+        self.after = list(self.after)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"peft_type": self.peft_type, "reduction": self.reduction, "after": [target_to_json(a) for a in self.after],
-                "min_hidden": self.min_hidden, "activation": self.activation, "scale": self.scale,
-                "train_class_branch": self.train_class_branch, "bn_stats": self.bn_stats, "hidden_pattern": dict(self.hidden_pattern)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
-        return cls(**{k: v for k, v in d.items() if k != "peft_type"})
+    def for_reload(self) -> "AdapterConfig":
+        """Adapters after exactly the recorded blocks, with the recorded widths."""
+        out = super().for_reload()
+        if self.hidden_pattern:
+            out.after = [int(k.split(".")[1]) for k in self.hidden_pattern]
+        return out
 
 
 class AdapterLayer(BaseTunerLayer):
     """A YOLO block followed by named bottleneck adapters."""
 
     adapter_layer_names = ("adapter_down", "adapter_up")
+    other_param_names = ("adapter_act", "hidden", "adapter_scale")
     mergeable = False
     wraps_block = True
 
@@ -98,7 +95,9 @@ class AdapterLayer(BaseTunerLayer):
         self.hidden: dict[str, int] = {}
         self.adapter_scale: dict[str, float] = {}
 
-    def update_layer(self, name: str, channels: int, hidden: int, activation: str, scale: float, like: torch.Tensor) -> None:
+    def update_layer(self, name: str, config: AdapterConfig, channels: int, hidden: int) -> None:
+        like = next(self.base_layer.parameters())
+        activation, scale = config.activation, config.scale
         kw = {"device": like.device, "dtype": like.dtype}
         self.adapter_down[name] = nn.Conv2d(channels, hidden, 1, **kw)
         self.adapter_up[name] = nn.Conv2d(hidden, channels, 1, **kw)
@@ -115,9 +114,8 @@ class AdapterLayer(BaseTunerLayer):
             y = y + self.adapter_scale[name] * self.adapter_up[name](h)
         return y
 
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self.adapter_act.pop(name, None)
+    def describe(self, name: str) -> dict[str, Any]:
+        return {"hidden": self.hidden[name]}
 
     def merge(self, names=None) -> None:
         raise ConfigError(
@@ -178,7 +176,6 @@ def apply_adapters(module: nn.Module, config: AdapterConfig | None = None, adapt
         raise ConfigError("no block selected for adapters; use after=['backbone'] / ['neck'] or layer indices")
     need = [i for i in chosen if not (isinstance(layers[i], AdapterLayer) and adapter_name in layers[i].adapter_names)]
     channels = _output_channels(root, need)
-    like = next(root.parameters())
     hidden_pattern = {}
     for i in need:
         name = f"model.{i}"
@@ -188,14 +185,12 @@ def apply_adapters(module: nn.Module, config: AdapterConfig | None = None, adapt
         if not isinstance(layer, AdapterLayer):
             layer = AdapterLayer(layer)
             layers[i] = layer
-        layer.update_layer(adapter_name, c, hidden, config.activation, config.scale, like)
+        layer.update_layer(adapter_name, config, c, hidden)
         layer.active_adapters.append(adapter_name)
         hidden_pattern[name] = hidden
     config.hidden_pattern = hidden_pattern
-    peft_config, _ = peft_state(root)
-    peft_config[adapter_name] = config.to_dict()
-    if config.train_class_branch:
-        mark_class_branch(root)
-    set_bn_stats(root, config.bn_stats)
-    refresh_trainable(root)
+    finish_apply(root, config, adapter_name)
     return module
+
+
+register_peft_method(AdapterConfig, AdapterLayer, apply=apply_adapters)

@@ -6,26 +6,28 @@ tensors sit next to it, keyed by adapter name. A *canonical* name is a module or
 parameter name with every ``.base_layer`` removed: the name it has in the plain
 model, which is also the key adapter files use.
 
-A model carries three plain attributes (no tensors) once a method is applied:
-``peft_config`` (adapter name -> its settings), ``peft_trainable`` (canonical
-parameter name -> role, for base parameters a method makes trainable such as
-BitFit biases or the class branch) and ``peft_bn_stats`` (``"update"`` /
-``"freeze"``).
+A model's PEFT state (which adapters it holds and their settings, the base
+parameters that train, the BatchNorm statistics choice) is one
+:class:`PeftState` object, stored as the single attribute ``peft_state`` of the
+model. A new method is a config dataclass (a :class:`TunerConfig`) plus a layer
+(a :class:`BaseTunerLayer`); :func:`inject_adapter` does the rest, and
+``registry.register_peft_method`` makes it known by name.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from models.detection import PARTS
 from models.errors import ConfigError, NotFoundError
 
-PARTS = ("backbone", "neck", "head")
+#: What BatchNorm running statistics do while adapters train (see :func:`set_bn_stats`).
 BN_STATS_CHOICES = ("update", "freeze")
 _BASE_SEGMENT = re.compile(r"(^|\.)base_layer(?=\.|$)")
 
@@ -44,23 +46,137 @@ def canonical_name(name: str) -> str:
     return out[1:] if out.startswith(".") else out
 
 
+def is_peft_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT wrapper (a layer holding adapters around its ``base_layer``)."""
+    return isinstance(module, BaseTunerLayer)
+
+
+def has_peft_layers(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is a PEFT wrapper (it must be merged before saving as a plain model)."""
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------- configs
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, type):
+        return value.__name__
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+class TunerConfig:
+    """What every method's config dataclass shares (mix it into a ``@dataclass``).
+
+    A subclass sets ``peft_type`` (the method's registered name) and may define
+    ``targets`` / ``exclude`` (selectors, see :func:`resolve_targets`),
+    ``train_class_branch`` and ``bn_stats``, which :func:`inject_adapter` honours.
+    Methods with per-module settings override :meth:`plan` and :meth:`record`.
+    """
+
+    peft_type: ClassVar[str] = ""
+
+    def __post_init__(self):
+        for attr in ("targets", "exclude"):
+            value = getattr(self, attr, None)
+            if isinstance(value, (str, type)):
+                setattr(self, attr, [value])
+        if getattr(self, "bn_stats", None) is not None:
+            check_choice(self.bn_stats, BN_STATS_CHOICES, "bn_stats")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (types by class name) plus ``peft_type``."""
+        out = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        out["peft_type"] = self.peft_type
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """The config from :meth:`to_dict` output; keys that are not fields are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def for_reload(self):
+        """A config that rebuilds exactly the layers this one built (used by ``load_adapter``)."""
+        return replace(self)
+
+    def target_selectors(self) -> Sequence[Any] | None:
+        return getattr(self, "targets", None)
+
+    def plan(self, targets: list[tuple[str, nn.Module]]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Per-module keyword settings for ``update_layer`` and the modules skipped (name -> why)."""
+        return {name: {} for name, _ in targets}, {}
+
+    def record(self, plan: dict[str, dict[str, Any]]) -> None:
+        """Store the exact per-module settings of ``plan`` (so a reload rebuilds the same layers)."""
+
+
+def build_config(cls, config, kwargs: dict[str, Any]):
+    """A config from ``config`` and/or keyword settings; unknown settings are an error listing the known ones."""
+    known = [f.name for f in fields(cls)]
+    unknown = [k for k in kwargs if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} setting(s) {unknown}; known: {', '.join(known)}")
+    if config is None:
+        return cls(**kwargs)
+    if not isinstance(config, cls):
+        raise ConfigError(f"expected a {cls.__name__}, got {type(config).__name__}")
+    return replace(config, **kwargs) if kwargs else replace(config)
+
+
+# ---------------------------------------------------------------------------- layers
 class BaseTunerLayer(nn.Module):
     """A module wrapping ``base_layer`` with one or more named adapters.
 
-    Subclasses own ``adapter_layer_names`` (the ModuleDict / ParameterDict
-    attributes holding adapter tensors), ``update_layer``, ``get_delta_weight``,
-    ``merge`` and ``unmerge``.
+    A subclass declares ``target_kinds`` (module types it can wrap),
+    ``adapter_layer_names`` (ModuleDict / ParameterDict attributes holding the
+    adapters' trainable tensors, the first one listing every adapter) and
+    ``other_param_names`` (other per-adapter tables: dicts or ModuleDicts), and
+    implements ``update_layer(adapter_name, config, **settings)`` and ``forward``.
+    Merging: either ``get_delta_weight(name)`` (an update of ``base_layer.weight``,
+    merged additively by default) or ``mergeable = False``.
     """
 
     adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+    target_kinds: tuple[type, ...] = (nn.Module,)
     #: Whether ``merge`` can fold the adapter into ``base_layer``'s weights.
     mergeable: bool = True
+    #: True for wrappers of whole blocks: the convs inside stay selectable by other methods.
+    wraps_block: bool = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+
+    @classmethod
+    def refuse(cls, name: str, module: nn.Module) -> str | None:
+        """Why ``module`` cannot take this layer's adapters (None: it can)."""
+        return None
+
+    @classmethod
+    def wrap(cls, existing: nn.Module) -> "BaseTunerLayer":
+        """The layer of this class for ``existing``: a new wrapper, ``existing`` itself, or ``existing``'s
+        adapters moved into a wrapper of this (more specific) class."""
+        if isinstance(existing, cls):
+            return existing
+        if not isinstance(existing, BaseTunerLayer):
+            return cls(existing)
+        if not issubclass(cls, type(existing)):
+            raise ConfigError(f"this module already holds a {type(existing).__name__}; a {cls.__name__} cannot wrap it")
+        if existing.merged:
+            raise ConfigError("cannot add an adapter while others are merged; call unmerge_lora first")
+        new = cls(existing.base_layer)
+        for attr in existing.adapter_layer_names + existing.other_param_names + ("active_adapters",):
+            setattr(new, attr, getattr(existing, attr))
+        return new
+
+    def update_layer(self, adapter_name: str, config: TunerConfig, **settings: Any) -> None:
+        raise NotImplementedError
 
     @property
     def adapter_names(self) -> list[str]:
@@ -84,6 +200,14 @@ class BaseTunerLayer(nn.Module):
                 for pname, p in item.named_parameters():
                     yield f"{attr}.{pname}", p
 
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """What an adapter file stores for adapter ``name`` (local name -> tensor); default: its parameters."""
+        return {k: p.detach() for k, p in self.adapter_parameters(name)}
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """Per-module facts an adapter file records (e.g. the rank)."""
+        return {}
+
     def set_adapter(self, names: Sequence[str]) -> None:
         if self.merged:
             raise ConfigError("cannot switch adapters while some are merged into the weights; call unmerge_lora first")
@@ -92,15 +216,43 @@ class BaseTunerLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ConfigError(f"adapter {name!r} is merged into the weights; call unmerge_lora before deleting it")
-        for attr in self.adapter_layer_names:
+        for attr in self.adapter_layer_names + self.other_param_names:
             holder = getattr(self, attr)
             if name in holder:
                 del holder[name]
-        for attr in ("r", "lora_alpha", "scaling", "use_dora", "hidden", "adapter_scale"):
-            table = getattr(self, attr, None)
-            if isinstance(table, dict):
-                table.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    # ------------------------------------------------------------------ merge (additive by default)
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no weight update to merge")
+
+    @torch.no_grad()
+    def merge(self, names: Sequence[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into ``base_layer.weight``."""
+        if not self.mergeable:
+            raise ConfigError(f"{type(self).__name__} adapters cannot be merged into weights")
+        names = [n for n in (self.active_adapters if names is None else names)
+                 if n in self.adapter_names and n not in self.merged_adapters]
+        w = self.base_layer.weight
+        for name in names:
+            w.add_(self.get_delta_weight(name).to(w.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Exact inverse of :meth:`merge` (to float rounding)."""
+        w = getattr(self.base_layer, "weight", None)
+        for name in reversed(self.merged_adapters):
+            w.sub_(self.get_delta_weight(name).to(w.dtype))
+        self.merged_adapters = []
+
+    def can_unwrap(self) -> bool:
+        """Whether the wrapper may be replaced by its base module once it holds no adapter."""
+        return True
+
+    def stored_base_tensors(self) -> list[tuple[str, tuple[int, ...], int, str]]:
+        """Base weights held in another form than a parameter: ``(local name, original shape, bytes, label)``."""
+        return []
 
     def unload(self) -> nn.Module:
         """The plain module to put back in the model (after merging)."""
@@ -279,20 +431,52 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------- model-level PEFT state
-def peft_state(root: nn.Module) -> tuple[dict[str, dict], dict[str, str]]:
-    """``(peft_config, peft_trainable)`` of a model, created empty on first use."""
-    if not isinstance(getattr(root, "peft_config", None), dict):
-        root.peft_config = {}
-    if not isinstance(getattr(root, "peft_trainable", None), dict):
-        root.peft_trainable = {}
-    return root.peft_config, root.peft_trainable
+STATE_ATTR = "peft_state"
+
+
+@dataclass
+class PeftState:
+    """Everything PEFT records about a model (plain data, no tensors), held as ``model.peft_state``.
+
+    Attributes:
+        adapters: adapter name -> its method's settings (``TunerConfig.to_dict()``, with ``peft_type``).
+        trainable: canonical base-parameter name -> role (``bitfit``, ``class_branch``, ``full``) for
+            base parameters that train alongside adapters.
+        methods: settings of methods that add no named adapter (BitFit), by method name.
+        bn_stats: ``update`` / ``freeze`` (see :func:`set_bn_stats`).
+    """
+
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    trainable: dict[str, str] = field(default_factory=dict)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bn_stats: str = "update"
+
+
+def peft_state(root: nn.Module) -> PeftState:
+    """The model's :class:`PeftState`, created empty on first use."""
+    state = root.__dict__.get(STATE_ATTR)
+    if not isinstance(state, PeftState):
+        state = PeftState()
+        root.__dict__[STATE_ATTR] = state
+    return state
+
+
+def find_peft_state(root: nn.Module) -> PeftState | None:
+    """The model's :class:`PeftState`, or None when no method was ever applied."""
+    state = root.__dict__.get(STATE_ATTR)
+    return state if isinstance(state, PeftState) else None
+
+
+def clear_peft_state(root: nn.Module) -> None:
+    """Forget every PEFT record and BatchNorm hook: the model is a plain model again."""
+    root.__dict__.pop(STATE_ATTR, None)
+    _remove_bn_hooks(root)
 
 
 def check_new_adapter_name(root: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise ConfigError(f"adapter_name must be a non-empty string without dots, got {name!r}")
-    config, _ = peft_state(root)
-    if name in config:
+    if name in peft_state(root).adapters:
         raise ConfigError(f"the model already has an adapter named {name!r}; pass another adapter_name or delete_adapter first")
 
 
@@ -311,7 +495,7 @@ def class_branch_modules(root: nn.Module) -> list[str]:
 
 def mark_trainable(root: nn.Module, param_names: Iterable[str], role: str) -> int:
     """Record base parameters (canonical names) that train alongside adapters."""
-    _, trainable = peft_state(root)
+    trainable = peft_state(root).trainable
     n = 0
     for name in param_names:
         trainable[canonical_name(name)] = role
@@ -332,7 +516,7 @@ def refresh_trainable(root: nn.Module) -> None:
     Inactive adapters are frozen so DistributedDataParallel never sees a
     trainable parameter that the forward does not use.
     """
-    _, trainable = peft_state(root)
+    trainable = peft_state(root).trainable
     adapter_ids: dict[int, bool] = {}
     for _, layer in iter_tuner_layers(root):
         for adapter in layer.adapter_names:
@@ -351,32 +535,29 @@ def _bn_eval_hook(module: nn.Module, args):
     module.training = False
 
 
+def _remove_bn_hooks(root: nn.Module) -> None:
+    # The hooks are found in each BatchNorm's own hook table (no handles kept), so a deep copy of the
+    # model carries its own hooks and removing them from the copy leaves the original untouched.
+    for m in root.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for key in [k for k, fn in m._forward_pre_hooks.items() if fn is _bn_eval_hook]:
+                del m._forward_pre_hooks[key]
+
+
 def set_bn_stats(root: nn.Module, mode: str | None) -> None:
     """``update``: BatchNorm running statistics follow the new domain (and are saved with the adapter);
     ``freeze``: every BatchNorm normalises with the base model's statistics and never changes them.
     ``None`` keeps the current choice (``update`` by default)."""
+    state = peft_state(root)
     if mode is None:
-        if getattr(root, "peft_bn_stats", None) is None:
-            root.peft_bn_stats = "update"
         return
-    if mode not in BN_STATS_CHOICES:
-        raise ConfigError(f"bn_stats must be one of {', '.join(BN_STATS_CHOICES)}, got {mode!r}")
-    hooks = getattr(root, "_peft_bn_hooks", None) or {}
-    for handle in hooks.values():
-        handle.remove()
-    hooks = {}
+    check_choice(mode, BN_STATS_CHOICES, "bn_stats")
+    _remove_bn_hooks(root)
     if mode == "freeze":
-        for name, m in root.named_modules():
+        for m in root.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                hooks[name] = m.register_forward_pre_hook(_bn_eval_hook)
-    root._peft_bn_hooks = hooks
-    root.peft_bn_stats = mode
-
-
-def clear_bn_hooks(root: nn.Module) -> None:
-    for handle in (getattr(root, "_peft_bn_hooks", None) or {}).values():
-        handle.remove()
-    root._peft_bn_hooks = {}
+                m.register_forward_pre_hook(_bn_eval_hook)
+    state.bn_stats = mode
 
 
 def check_choice(value: Any, choices: Sequence[Any], field: str) -> None:
@@ -391,3 +572,51 @@ def target_to_json(t: Any) -> str:
 def base_weight_numel(module: nn.Module) -> int:
     w = getattr(module, "weight", None)
     return int(w.numel()) if isinstance(w, torch.Tensor) else 0
+
+
+# ---------------------------------------------------------------------------- injection
+def finish_apply(root: nn.Module, config: TunerConfig, adapter_name: str | None) -> None:
+    """Record ``config`` in the model's state, mark the class branch, set BatchNorm statistics, set requires_grad."""
+    state = peft_state(root)
+    if adapter_name is None:
+        state.methods[config.peft_type] = config.to_dict()
+    else:
+        state.adapters[adapter_name] = config.to_dict()
+    if getattr(config, "train_class_branch", False):
+        mark_class_branch(root)
+    set_bn_stats(root, getattr(config, "bn_stats", None))
+    refresh_trainable(root)
+
+
+def inject_adapter(module: nn.Module, config: TunerConfig, adapter_name: str, layer_class: type[BaseTunerLayer]) -> dict[str, Any]:
+    """Wrap the modules ``config`` selects in ``layer_class`` and add adapter ``adapter_name`` to each.
+
+    ``config.plan`` gives each selected module's settings for ``layer_class.update_layer``
+    (and may skip some); the class branch is never a target when ``train_class_branch`` is set.
+    Returns ``{"adapted": [names], "skipped": {name: why}}``.
+    """
+    root, _ = root_model(module)
+    check_new_adapter_name(root, adapter_name)
+    exclude = list(getattr(config, "exclude", None) or ())
+    if getattr(config, "train_class_branch", False):
+        exclude += class_branch_modules(root)
+    root, resolved = resolve_targets(module, layer_class.target_kinds, config.target_selectors(), exclude,
+                                     accept=layer_class.refuse)
+    plan, too_big = config.plan(resolved.targets)
+    skipped = {**resolved.skipped, **too_big}
+    if not plan:
+        raise ConfigError(f"no layer left to adapt (all selected layers were skipped: {dict(list(skipped.items())[:3])}); "
+                          "change the targets or settings")
+    layers = dict(resolved.targets)
+    for name, settings in plan.items():
+        try:
+            layer = layer_class.wrap(layers[name])
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from exc
+        if layer is not layers[name]:
+            replace_module(root, name, layer)
+        layer.update_layer(adapter_name, config, **settings)
+        layer.active_adapters.append(adapter_name)
+    config.record(plan)
+    finish_apply(root, config, adapter_name)
+    return {"adapted": list(plan), "skipped": skipped}

@@ -13,21 +13,12 @@ from typing import Any, Sequence
 from torch import nn
 
 from models.errors import ConfigError
-from service.layers.tuners.base import (
-    check_choice,
-    mark_class_branch,
-    mark_trainable,
-    refresh_trainable,
-    resolve_targets,
-    set_bn_stats,
-    target_to_json,
-    unwrap,
-)
-from service.layers.tuners.lora import build_config
+from service.layers.tuners.base import TunerConfig, build_config, finish_apply, mark_trainable, resolve_targets, unwrap
+from service.layers.tuners.registry import register_peft_method
 
 
 @dataclass
-class BitFitConfig:
+class BitFitConfig(TunerConfig):
     """Settings of BitFit.
 
     Attributes:
@@ -42,16 +33,6 @@ class BitFitConfig:
     train_class_branch: bool = False
     bn_stats: str | None = None
     peft_type = "bitfit"
-
-    def __post_init__(self):
-        if isinstance(self.targets, (str, type)):
-            self.targets = [self.targets]
-        if self.bn_stats is not None:
-            check_choice(self.bn_stats, ("update", "freeze"), "bn_stats")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"peft_type": self.peft_type, "targets": None if self.targets is None else [target_to_json(t) for t in self.targets],
-                "bn_weight": self.bn_weight, "train_class_branch": self.train_class_branch, "bn_stats": self.bn_stats}
 
 
 def apply_bitfit(module: nn.Module, config: BitFitConfig | None = None, **settings) -> nn.Module:
@@ -74,9 +55,8 @@ def apply_bitfit(module: nn.Module, config: BitFitConfig | None = None, **settin
     if not names:
         raise ConfigError("BitFit found no bias in the selected modules; change targets")
     mark_trainable(root, names, "bitfit")
-    if config.train_class_branch:
-        mark_class_branch(root)
-    root.peft_bitfit = config.to_dict()
-    set_bn_stats(root, config.bn_stats)
-    refresh_trainable(root)
+    finish_apply(root, config, None)
     return module
+
+
+register_peft_method(BitFitConfig, apply=apply_bitfit)

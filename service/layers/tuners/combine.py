@@ -77,7 +77,7 @@ def combine_adapters(
         sources = [a for a in weights if isinstance(layer, LoRALayer) and a in layer.adapter_names]
         if not sources:
             continue
-        if any(layer.use_dora[a] for a in sources):
+        if any(a in layer.lora_variant for a in sources):
             raise ConfigError(f"{lname}: DoRA adapters have a magnitude vector and cannot be combined; combine LoRA adapters")
         if layer.merged:
             raise ConfigError("unmerge_lora before combining adapters")
@@ -93,16 +93,16 @@ def combine_adapters(
                 target_rank = rank or sum(layer.r[a] for a in sources)
                 a_new, b_new = _factorise(dense, target_rank, layer)
         r = a_new.shape[0]
-        layer.update_layer(name, r, float(r), 0.0, False, False)
+        layer.add_lora(name, r, float(r))
         with torch.no_grad():
             layer.lora_A[name].weight.copy_(a_new)
             layer.lora_B[name].weight.copy_(b_new)
         rank_pattern[lname] = r
     if not rank_pattern:
         raise ConfigError(f"none of {list(weights)} is a LoRA adapter held by a LoRA layer")
-    peft_config, _ = peft_state(root)
-    first = peft_config[next(iter(weights))]
-    peft_config[name] = {
+    adapters = peft_state(root).adapters
+    first = adapters[next(iter(weights))]
+    adapters[name] = {
         **first,
         "peft_type": "qlora" if first.get("peft_type") == "qlora" else "lora",
         "alpha": None,

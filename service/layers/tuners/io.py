@@ -21,8 +21,8 @@ from torch import nn
 
 from models.errors import CheckpointError, ConfigError
 from models.io import atomic_write_bytes, atomic_write_json
-from service.layers.tuners.adapter import AdapterConfig, AdapterLayer, apply_adapters
 from service.layers.tuners.base import (
+    UnknownAdapterError,
     canonical_name,
     iter_tuner_layers,
     peft_state,
@@ -30,8 +30,7 @@ from service.layers.tuners.base import (
     root_model,
     set_bn_stats,
 )
-from service.layers.tuners.lora import LoRAConfig, LoRALayer, inject_lora
-from service.layers.tuners.qlora import quantize_layer
+from service.layers.tuners.registry import get_peft_method
 
 ADAPTER_FORMAT = "glasses-vision/adapter"
 ADAPTER_VERSION = 1
@@ -56,8 +55,8 @@ def base_shapes(root: nn.Module) -> dict[str, tuple[int, ...]]:
     adapter_ids = {id(p) for _, layer in iter_tuner_layers(root) for a in layer.adapter_names for _, p in layer.adapter_parameters(a)}
     out = {canonical_name(n): tuple(p.shape) for n, p in root.named_parameters() if id(p) not in adapter_ids}
     for name, layer in iter_tuner_layers(root):
-        if getattr(layer, "nf4", None) is not None:
-            out[canonical_name(name) + ".weight"] = layer.nf4.shape
+        for pname, shape, _, _ in layer.stored_base_tensors():
+            out[f"{canonical_name(name)}.{pname}"] = tuple(shape)
     return out
 
 
@@ -79,16 +78,12 @@ def _adapter_tensors(root: nn.Module, adapter: str) -> tuple[dict[str, torch.Ten
         cn = canonical_name(lname)
         for pname, p in layer.adapter_parameters(adapter):
             tensors[f"{cn}.{pname}"] = p
-        if isinstance(layer, LoRALayer):
-            modules[cn] = {"kind": "lora", "rank": layer.r[adapter], "alpha": layer.lora_alpha[adapter],
-                           "use_dora": layer.use_dora[adapter], "quantized": layer.nf4 is not None}
-        elif isinstance(layer, AdapterLayer):
-            modules[cn] = {"kind": "adapter", "hidden": layer.hidden[adapter]}
+        modules[cn] = {"layer": type(layer).__name__, **layer.describe(adapter)}
     return tensors, modules
 
 
 def _trainable_tensors(root: nn.Module) -> dict[str, torch.Tensor]:
-    _, trainable = peft_state(root)
+    trainable = peft_state(root).trainable
     return {canonical_name(n): p for n, p in root.named_parameters() if canonical_name(n) in trainable}
 
 
@@ -101,15 +96,14 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     from safetensors.torch import save as st_save
 
     root, _ = root_model(model)
-    peft_config, trainable = peft_state(root)
+    state = peft_state(root)
+    peft_config, trainable = state.adapters, state.trainable
     if adapter_name is None:
         active = [a for a in peft_config if any(a in layer.active_adapters for _, layer in iter_tuner_layers(root))]
         if len(active) > 1:
             raise ConfigError(f"several adapters are active ({', '.join(active)}); pass adapter_name")
         adapter_name = active[0] if active else None
     elif adapter_name not in peft_config:
-        from service.layers.tuners.base import UnknownAdapterError
-
         raise UnknownAdapterError(f"unknown adapter {adapter_name!r}; this model holds: {', '.join(peft_config) or 'no adapters'}")
     if adapter_name is None and not trainable:
         raise ConfigError("nothing to save: the model has no adapter and no PEFT-trained parameter (apply a method first)")
@@ -117,7 +111,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         raise ConfigError("adapters are merged into the weights; unmerge_lora before save_adapter")
     tensors, modules = _adapter_tensors(root, adapter_name) if adapter_name else ({}, {})
     tensors.update(_trainable_tensors(root))
-    bn_mode = getattr(root, "peft_bn_stats", None) or "update"
+    bn_mode = state.bn_stats
     if bn_mode == "update":
         tensors.update({k: v for k, v in _bn_buffers(root).items() if k not in tensors})
     config = {
@@ -126,7 +120,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         "adapter_name": adapter_name,
         "peft_type": (peft_config[adapter_name]["peft_type"] if adapter_name else "bitfit"),
         "config": peft_config.get(adapter_name) if adapter_name else None,
-        "bitfit": getattr(root, "peft_bitfit", None),
+        "bitfit": state.methods.get("bitfit"),
         "modules": modules,
         "trainable": dict(trainable),
         "bn_stats": bn_mode,
@@ -182,7 +176,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         raise CheckpointError(f"cannot read {Path(directory) / WEIGHTS_NAME}: {exc}") from exc
     saved_name = config.get("adapter_name")
     name = adapter_name or saved_name
-    peft_config, _ = peft_state(root)
+    peft_config = peft_state(root).adapters
     injected = False
     if saved_name is not None and name not in peft_config:
         _inject(root, config, name)
@@ -195,15 +189,10 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
 
             delete_adapter(root, name)
         raise
-    if config.get("peft_type") == "qlora" and injected:
-        qcfg = config.get("config") or {}
-        for lname, layer in iter_tuner_layers(root):
-            if isinstance(layer, LoRALayer) and name in layer.adapter_names:
-                quantize_layer(layer, qcfg.get("blocksize", 64), qcfg.get("double_quant", True))
+    state = peft_state(root)
     if config.get("bitfit"):
-        root.peft_bitfit = config["bitfit"]
-    _, trainable = peft_state(root)
-    trainable.update(config.get("trainable", {}))
+        state.methods["bitfit"] = config["bitfit"]
+    state.trainable.update(config.get("trainable", {}))
     set_bn_stats(root, config.get("bn_stats"))
     if saved_name is not None:
         for _, layer in iter_tuner_layers(root):
@@ -216,28 +205,14 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
 
 
 def _inject(root: nn.Module, config: dict[str, Any], name: str) -> None:
+    """Rebuild the adapter's layers from its recorded settings, through its registered method."""
     saved = dict(config.get("config") or {})
-    if config.get("peft_type") == "adapters":
-        hidden = saved.get("hidden_pattern") or {k: v["hidden"] for k, v in config.get("modules", {}).items()}
-        after = [int(k.split(".")[1]) for k in hidden]
-        apply_adapters(root, AdapterConfig(
-            reduction=saved.get("reduction", 16), after=after, min_hidden=saved.get("min_hidden", 8),
-            activation=saved.get("activation", "silu"), scale=saved.get("scale", 1.0), hidden_pattern=hidden,
-        ), adapter_name=name)
-        return
-    modules = config.get("modules", {})
-    saved.update({
-        "targets": None, "exclude": [], "max_share": None,
-        "rank_pattern": {k: v["rank"] for k, v in modules.items()},
-        "alpha_pattern": {k: v["alpha"] for k, v in modules.items()},
-        "use_dora": any(v.get("use_dora") for v in modules.values()),
-    })
-    if not saved["rank_pattern"]:
-        raise CheckpointError("the adapter config lists no adapted module")
-    inject_lora(root, LoRAConfig.from_dict(saved), name)
-    peft_state(root)[0][name]["peft_type"] = config.get("peft_type", "lora")
-    if config.get("config"):
-        peft_state(root)[0][name].update({k: v for k, v in config["config"].items() if k not in ("rank_pattern", "alpha_pattern")})
+    method = get_peft_method(config.get("peft_type") or saved.get("peft_type"))
+    if method.config_class is None or not method.named:
+        raise CheckpointError(f"method {method.name!r} adds no adapter layers to rebuild")
+    settings = method.config_class.from_dict(saved).for_reload()
+    method.apply(root, settings, adapter_name=name)
+    peft_state(root).adapters[name].update({k: v for k, v in saved.items() if k not in peft_state(root).adapters[name]})
 
 
 def _copy_tensors(root: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], name: str | None) -> None:

@@ -1,4 +1,4 @@
-"""LoRA (and rsLoRA) for Conv2d and Linear layers.
+"""LoRA (and rsLoRA) for Conv2d and Linear layers: the core the LoRA variants build on.
 
 For a ``Conv2d(k x k, c_in -> c_out)`` the adapter is ``A = Conv2d(k x k, c_in -> r)``
 with the base conv's stride / padding / dilation and ``B = Conv2d(1 x 1, r -> c_out)``;
@@ -6,15 +6,19 @@ with the base conv's stride / padding / dilation and ``B = Conv2d(1 x 1, r -> c_
 ``base(x) + s * B(A(dropout(x)))`` with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``),
 and merging adds ``s * (B (x) A)``, a k x k kernel, to the base weight. Grouped
 (e.g. depthwise) convs are skipped when selected by part / type / pattern and
-refused when named exactly. The same layer runs DoRA (``use_dora``) and QLoRA
-(a quantised base weight, see :mod:`.qlora`).
+refused when named exactly.
+
+Variants, as in HF PEFT's ``resolve_lora_variant``: an adapter whose config asks
+for DoRA gets a :class:`LoraVariant` (:mod:`.dora`) that changes its forward,
+merge and unmerge; a quantised base weight is its own layer class
+(:class:`.qlora.QLoRALayer`). This module knows neither beyond the hook.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -24,24 +28,19 @@ from torch import nn
 from models.errors import ConfigError
 from service.layers.tuners.base import (
     BaseTunerLayer,
+    TunerConfig,
+    build_config,
     canonical_name,
     check_choice,
-    check_new_adapter_name,
-    class_branch_modules,
-    mark_class_branch,
-    peft_state,
-    refresh_trainable,
-    replace_module,
-    resolve_targets,
-    set_bn_stats,
-    target_to_json,
+    inject_adapter,
 )
+from service.layers.tuners.registry import register_peft_method
 
 OVERSIZE_CHOICES = ("shrink", "skip", "warn")
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(TunerConfig):
     """Settings of a LoRA adapter.
 
     Attributes:
@@ -83,6 +82,7 @@ class LoRAConfig:
     peft_type = "lora"
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
@@ -94,40 +94,34 @@ class LoRAConfig:
         check_choice(self.oversize, OVERSIZE_CHOICES, "oversize")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.bn_stats is not None:
-            check_choice(self.bn_stats, ("update", "freeze"), "bn_stats")
-        if isinstance(self.targets, (str, type)):
-            self.targets = [self.targets]
-        if isinstance(self.exclude, (str, type)):
-            self.exclude = [self.exclude]
         for k, r in self.rank_pattern.items():
             if not isinstance(r, int) or r <= 0:
                 raise ConfigError(f"rank_pattern[{k!r}] must be a positive integer, got {r!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["targets"] = None if self.targets is None else [target_to_json(t) for t in self.targets]
-        d["exclude"] = [target_to_json(t) for t in self.exclude]
-        d["peft_type"] = self.peft_type
-        return d
+    def alpha_for(self, name: str, r: int) -> float:
+        """The scale numerator of module ``name`` (canonical) at rank ``r``: the pattern, else ``alpha``, else ``r``."""
+        if name in self.alpha_pattern:
+            return float(self.alpha_pattern[name])
+        return float(self.alpha if self.alpha is not None else r)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def target_selectors(self) -> Sequence[Any] | None:
+        if self.rank_pattern and self.targets is None:
+            return list(self.rank_pattern)
+        return self.targets
 
+    def plan(self, targets):
+        ranks, skipped = plan_ranks(self, targets)
+        return {n: {"r": r, "alpha": self.alpha_for(canonical_name(n), r)} for n, r in ranks.items()}, skipped
 
-def build_config(cls, config, kwargs: dict[str, Any]):
-    """A config from ``config`` and/or keyword settings; unknown settings are an error listing the known ones."""
-    known = [f.name for f in fields(cls)]
-    unknown = [k for k in kwargs if k not in known]
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} setting(s) {unknown}; known: {', '.join(known)}")
-    if config is None:
-        return cls(**kwargs)
-    if not isinstance(config, cls):
-        raise ConfigError(f"expected a {cls.__name__}, got {type(config).__name__}")
-    return replace(config, **kwargs) if kwargs else replace(config)
+    def record(self, plan) -> None:
+        self.rank_pattern = {canonical_name(n): s["r"] for n, s in plan.items()}
+        self.alpha_pattern = {canonical_name(n): s["alpha"] for n, s in plan.items()}
+
+    def for_reload(self):
+        """Exactly the recorded modules, ranks and alphas (no target search, no size rule)."""
+        out = super().for_reload()
+        out.targets, out.exclude, out.max_share, out.rank_ratio = None, (), None, None
+        return out
 
 
 def _refuse_grouped(name: str, module: nn.Module) -> str | None:
@@ -148,10 +142,40 @@ def adapter_share(module: nn.Module, r: int) -> float:
     return r * (c_in * kk + c_out) / (c_in * c_out * kk)
 
 
-class LoRALayer(BaseTunerLayer):
-    """LoRA / DoRA on a Conv2d or Linear (the base weight may be NF4-quantised)."""
+def weight_norm(weight: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each output channel's weights (DoRA's column norm)."""
+    return weight.reshape(weight.shape[0], -1).norm(dim=1)
 
-    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude")
+
+class LoraVariant:
+    """How one adapter differs from plain LoRA (HF PEFT's ``LoraVariant``); one instance per adapter.
+
+    ``forward`` receives the base output *without* bias (variants run before plain
+    adapters, and the layer adds the bias last).
+    """
+
+    #: at most this many adapters of the variant may be active in one layer (None: no limit)
+    max_active: int | None = None
+
+    def init(self, layer: "LoRALayer", name: str) -> None:
+        """Create the variant's tensors (after ``lora_A`` / ``lora_B`` exist)."""
+
+    def forward(self, layer: "LoRALayer", name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, layer: "LoRALayer", name: str, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def unmerge(self, layer: "LoRALayer", name: str, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class LoRALayer(BaseTunerLayer):
+    """LoRA on a Conv2d or Linear; adapters may carry a :class:`LoraVariant` (DoRA)."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    other_param_names = ("lora_dropout", "r", "lora_alpha", "scaling", "lora_variant")
+    target_kinds = (nn.Conv2d, nn.Linear)
 
     def __init__(self, base_layer: nn.Module):
         if not isinstance(base_layer, (nn.Conv2d, nn.Linear)):
@@ -163,28 +187,50 @@ class LoRALayer(BaseTunerLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's magnitudes, by adapter
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.use_dora: dict[str, bool] = {}
-        self.nf4 = None  # an NF4Weight when the base weight is quantised (QLoRA)
-        self._dora_norms: dict[str, torch.Tensor] = {}
+        self.lora_variant: dict[str, LoraVariant] = {}
+
+    refuse = staticmethod(_refuse_grouped)
+
+    @staticmethod
+    def resolve_lora_variant(config: LoRAConfig) -> LoraVariant | None:
+        """The variant an adapter with ``config`` needs (None: plain LoRA)."""
+        if getattr(config, "use_dora", False):
+            from service.layers.tuners.dora import DoraVariant
+
+            return DoraVariant()
+        return None
+
+    def use_dora(self, name: str) -> bool:
+        from service.layers.tuners.dora import DoraVariant
+
+        return isinstance(self.lora_variant.get(name), DoraVariant)
 
     # ------------------------------------------------------------------ weights
     def base_weight(self) -> torch.Tensor:
-        """The base weight in float (dequantised when the base is NF4 and not merged)."""
-        if "weight" in self.base_layer._parameters:
-            return self.base_layer.weight
-        return self.nf4.dequantize()
+        """The base weight in float."""
+        return self.base_layer.weight
 
-    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def base_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The base layer's output, optionally without its bias."""
+        if bias:
+            return self.base_layer(x)
+        return self._apply_weight(x, self.base_weight(), None)
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.is_conv:
             return self.base_layer._conv_forward(x, weight, bias)
         return F.linear(x, weight, bias)
 
-    def update_layer(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool) -> None:
-        """Add adapter ``name`` with rank ``r``."""
+    def update_layer(self, adapter_name: str, config: LoRAConfig, r: int, alpha: float) -> None:
+        """Add adapter ``adapter_name`` with rank ``r`` and scale numerator ``alpha``."""
+        self.add_lora(adapter_name, r, alpha, config.dropout, config.use_rslora, self.resolve_lora_variant(config))
+
+    def add_lora(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 variant: LoraVariant | None = None) -> None:
         if self.merged:
             raise ConfigError("cannot add an adapter while others are merged; call unmerge_lora first")
         base = self.base_layer
@@ -204,10 +250,9 @@ class LoRALayer(BaseTunerLayer):
         self.r[name] = int(r)
         self.lora_alpha[name] = float(alpha)
         self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
-        self.use_dora[name] = bool(use_dora)
-        if use_dora:
-            with torch.no_grad():
-                self.lora_magnitude[name] = nn.Parameter(weight_norm(weight.detach().float()).to(**kw))
+        if variant is not None:
+            self.lora_variant[name] = variant
+            variant.init(self, name)
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """``s * (B (x) A)`` shaped like the base weight (a k x k kernel for convs)."""
@@ -219,62 +264,60 @@ class LoRALayer(BaseTunerLayer):
             delta = b @ a
         return delta * self.scaling[name]
 
-    def _dora_scale(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """``m / ||W + dW||`` per output channel, computed in float32."""
-        norm = weight_norm(weight.float() + self.get_delta_weight(name).float())
-        return self.lora_magnitude[name].float() / norm
+    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s * B(A(dropout(x)))``."""
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+
+    def channel_view(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel vector shaped to broadcast against this layer's output."""
+        return t.view(1, -1, 1, 1) if self.is_conv else t
+
+    def describe(self, name: str) -> dict[str, Any]:
+        return {"rank": self.r[name], "alpha": self.lora_alpha[name], "use_dora": self.use_dora(name)}
+
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        out = super().file_tensors(name)
+        if "lora_magnitude_vector" in out and self.is_conv:  # HF PEFT stores a conv's magnitude as (1, c_out, 1, 1)
+            out["lora_magnitude_vector"] = out["lora_magnitude_vector"].view(1, -1, 1, 1)
+        return out
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged or not active:
-            if self.nf4 is None or "weight" in self.base_layer._parameters:
-                return self.base_layer(x)
-            return self._base_forward(x, self.nf4.dequantize(), self.base_layer.bias)
-        dora = [a for a in active if self.use_dora[a]]
-        if len(dora) > 1:
-            raise ConfigError(f"only one DoRA adapter can be active at a time, got {dora}")
-        weight = self.base_weight()
+            return self.base_forward(x)
+        varied = [a for a in active if a in self.lora_variant]
+        for kind in {type(self.lora_variant[a]) for a in varied}:
+            same = [a for a in varied if type(self.lora_variant[a]) is kind]
+            if kind.max_active is not None and len(same) > kind.max_active:
+                raise ConfigError(f"only {kind.max_active} {kind.__name__} adapter(s) can be active at a time, got {same}")
+        if not varied:
+            result = self.base_forward(x)
+            for name in active:
+                result = result + self.lora_output(name, x).to(result.dtype)
+            return result
+        result = self.base_forward(x, bias=False)
+        for name in varied:  # variants first, as merge does; the bias goes on last
+            result = self.lora_variant[name].forward(self, name, x, result)
+        for name in active:
+            if name not in self.lora_variant:
+                result = result + self.lora_output(name, x).to(result.dtype)
         bias = self.base_layer.bias
-        if not dora and self.nf4 is None:
-            result = self.base_layer(x)
-        else:
-            result = self._base_forward(x, weight, None)
-        for name in sorted(active, key=lambda n: not self.use_dora[n]):  # DoRA first, as merge does
-            lora = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
-            if self.use_dora[name]:
-                scale = self._dora_scale(name, weight).to(result.dtype)
-                scale = scale.view(1, -1, 1, 1) if self.is_conv else scale
-                result = scale * (result + lora.to(result.dtype))
-            else:
-                result = result + lora.to(result.dtype)
-        if (dora or self.nf4 is not None) and bias is not None:
-            result = result + (bias.view(1, -1, 1, 1) if self.is_conv else bias).to(result.dtype)
-        return result
+        return result if bias is None else result + self.channel_view(bias).to(result.dtype)
 
     # ------------------------------------------------------------------ merge
-    def _ensure_weight_param(self) -> None:
-        if "weight" not in self.base_layer._parameters:
-            self.base_layer.weight = nn.Parameter(self.nf4.dequantize().detach().clone(), requires_grad=False)
-
     @torch.no_grad()
     def merge(self, names: Sequence[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weight; DoRA ones first."""
+        """Fold adapters (default: the active ones) into the base weight; variant ones first."""
         names = [n for n in (self.active_adapters if names is None else names) if n in self.lora_A and n not in self.merged_adapters]
-        if self.nf4 is not None:
-            self._ensure_weight_param()
         if not names:
             return
         w = self.base_layer.weight
-        for name in sorted(names, key=lambda n: not self.use_dora[n]):
-            delta = self.get_delta_weight(name).to(w.dtype)
-            if self.use_dora[name]:
-                norm = weight_norm(w.float() + delta.float())
-                self._dora_norms[name] = norm
-                scale = (self.lora_magnitude[name].float() / norm).view(-1, *([1] * (w.dim() - 1)))
-                w.copy_(((w.float() + delta.float()) * scale).to(w.dtype))
+        for name in sorted(names, key=lambda n: n not in self.lora_variant):
+            if name in self.lora_variant:
+                self.lora_variant[name].merge(self, name, w)
             else:
-                w.add_(delta)
+                w.add_(self.get_delta_weight(name).to(w.dtype))
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -284,26 +327,11 @@ class LoRALayer(BaseTunerLayer):
             return
         w = self.base_layer.weight
         for name in reversed(self.merged_adapters):
-            delta = self.get_delta_weight(name).to(w.dtype)
-            if self.use_dora[name]:
-                norm = self._dora_norms.pop(name)
-                scale = (norm / self.lora_magnitude[name].float()).view(-1, *([1] * (w.dim() - 1)))
-                w.copy_((w.float() * scale - delta.float()).to(w.dtype))
+            if name in self.lora_variant:
+                self.lora_variant[name].unmerge(self, name, w)
             else:
-                w.sub_(delta)
+                w.sub_(self.get_delta_weight(name).to(w.dtype))
         self.merged_adapters = []
-        if self.nf4 is not None:
-            del self.base_layer.weight  # back to the quantised weight, bit for bit
-
-    def unload(self) -> nn.Module:
-        if self.nf4 is not None:
-            self._ensure_weight_param()
-        return self.base_layer
-
-
-def weight_norm(weight: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each output channel's weights (DoRA's column norm)."""
-    return weight.reshape(weight.shape[0], -1).norm(dim=1)
 
 
 def plan_ranks(config: LoRAConfig, targets: list[tuple[str, nn.Module]]) -> tuple[dict[str, int], dict[str, str]]:
@@ -340,49 +368,6 @@ def plan_ranks(config: LoRAConfig, targets: list[tuple[str, nn.Module]]) -> tupl
     return ranks, skipped
 
 
-def inject_lora(module: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> dict[str, Any]:
-    """Wrap the selected Conv2d / Linear layers and add adapter ``adapter_name``; returns a summary."""
-    from service.layers.tuners.base import root_model
-
-    root, _ = root_model(module)
-    check_new_adapter_name(root, adapter_name)
-    exclude = list(config.exclude)
-    if config.train_class_branch:
-        exclude += class_branch_modules(root)
-    if config.rank_pattern and config.targets is None:
-        targets: Sequence[Any] | None = list(config.rank_pattern)
-    else:
-        targets = config.targets
-    root, resolved = resolve_targets(module, (nn.Conv2d, nn.Linear), targets, exclude, accept=_refuse_grouped)
-    ranks, too_big = plan_ranks(config, resolved.targets)
-    if not ranks:
-        raise ConfigError("no layer left to adapt (all selected layers were skipped: "
-                          f"{dict(list({**resolved.skipped, **too_big}.items())[:3])}); change targets, rank or max_share")
-    layers = dict(resolved.targets)
-    for name, r in ranks.items():
-        layer = layers[name]
-        if not isinstance(layer, LoRALayer):
-            if isinstance(layer, BaseTunerLayer):
-                raise ConfigError(f"{name} already holds a {type(layer).__name__}; LoRA cannot wrap it")
-            layer = LoRALayer(layer)
-            replace_module(root, name, layer)
-        alpha = config.alpha_pattern.get(canonical_name(name), config.alpha if config.alpha is not None else float(r))
-        layer.update_layer(adapter_name, r, alpha, config.dropout, config.use_rslora, config.use_dora)
-        layer.active_adapters.append(adapter_name)
-    config.alpha_pattern = {
-        canonical_name(n): float(config.alpha_pattern.get(canonical_name(n), config.alpha if config.alpha is not None else r))
-        for n, r in ranks.items()
-    }
-    config.rank_pattern = {canonical_name(n): r for n, r in ranks.items()}
-    peft_config, _ = peft_state(root)
-    peft_config[adapter_name] = config.to_dict()
-    if config.train_class_branch:
-        mark_class_branch(root)
-    set_bn_stats(root, config.bn_stats)
-    refresh_trainable(root)
-    return {"adapted": list(ranks), "skipped": {**resolved.skipped, **too_big}}
-
-
 def apply_lora(module: nn.Module, config: LoRAConfig | None = None, adapter_name: str = "default", **settings) -> nn.Module:
     """Add a LoRA adapter to ``module`` (a DetectionModel, one of its parts, or any nn.Module).
 
@@ -394,7 +379,7 @@ def apply_lora(module: nn.Module, config: LoRAConfig | None = None, adapter_name
     Returns ``module``.
     """
     config = build_config(LoRAConfig, config, settings)
-    inject_lora(module, config, adapter_name)
+    inject_adapter(module, config, adapter_name, LoRALayer)
     return module
 
 
@@ -421,3 +406,6 @@ def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, wei
     if fast:
         groups.append({"params": fast, "lr": lr * ratio, "weight_decay": weight_decay})
     return groups
+
+
+register_peft_method(LoRAConfig, LoRALayer, apply=apply_lora)

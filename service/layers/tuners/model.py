@@ -9,7 +9,7 @@ from torch import nn
 from models.errors import ConfigError
 from service.layers.tuners.base import (
     UnknownAdapterError,
-    clear_bn_hooks,
+    clear_peft_state,
     iter_tuner_layers,
     peft_state,
     refresh_trainable,
@@ -21,8 +21,7 @@ from service.layers.tuners.base import (
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of every adapter the model holds."""
     root, _ = root_model(model)
-    config, _ = peft_state(root)
-    return list(config)
+    return list(peft_state(root).adapters)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -35,7 +34,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def check_adapter_names(root: nn.Module, names: Sequence[str]) -> None:
-    known = list(peft_state(root)[0])
+    known = list(peft_state(root).adapters)
     for n in names:
         if n not in known:
             raise UnknownAdapterError(f"unknown adapter {n!r}; this model holds: {', '.join(known) or 'no adapters'}")
@@ -63,9 +62,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for lname, layer in list(iter_tuner_layers(root)):
         if name in layer.adapter_names:
             layer.delete_adapter(name)
-        if not layer.adapter_names and getattr(layer, "nf4", None) is None:
+        if not layer.adapter_names and layer.can_unwrap():
             replace_module(root, lname, layer.unload())
-    peft_state(root)[0].pop(name)
+    peft_state(root).adapters.pop(name)
     refresh_trainable(root)
 
 
@@ -88,8 +87,8 @@ def merge_lora(model: nn.Module, adapter_names: Sequence[str] | None = None, unl
     blocking = [n for n, layer in layers if not layer.mergeable and layer.adapter_names]
     if blocking:
         raise ConfigError(
-            f"bottleneck adapters after {blocking[:3]} cannot be merged into weights (they follow a nonlinearity); "
-            "delete_adapter them first, or save them with save_adapter and keep the wrapped model"
+            f"the adapters in {blocking[:3]} cannot be merged into weights (bottleneck adapters follow a "
+            "nonlinearity); delete_adapter them first, or save them with save_adapter and keep the wrapped model"
         )
     # Innermost wrappers first, so an outer wrapper's base block already holds plain modules.
     for name, layer in sorted(layers, key=lambda x: -x[0].count(".")):
@@ -98,10 +97,7 @@ def merge_lora(model: nn.Module, adapter_names: Sequence[str] | None = None, unl
         if unload:
             replace_module(root, name, layer.unload())
     if unload:
-        peft_config, trainable = peft_state(root)
-        peft_config.clear()
-        trainable.clear()
-        clear_bn_hooks(root)
+        clear_peft_state(root)
         for p in root.parameters():  # a plain model again: everything trainable, as after construction
             p.requires_grad_(True)
     return model

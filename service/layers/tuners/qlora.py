@@ -1,9 +1,10 @@
 """QLoRA: LoRA on top of a frozen base stored in 4-bit NF4 (see :mod:`.nf4`).
 
-Every adapted layer's base weight is replaced by an :class:`NF4Weight` (codes +
-block scales) and dequantised to float32 in each forward; biases and BatchNorm
-stay in float. Merging dequantises into a plain float32 weight and adds the LoRA
-update; unmerging drops that weight again, returning to the exact NF4 codes.
+:class:`QLoRALayer` is a :class:`.lora.LoRALayer` whose base weight is an
+:class:`NF4Weight` (codes + block scales), dequantised to float32 in each
+forward; biases and BatchNorm stay in float. Merging dequantises into a plain
+float32 weight and adds the LoRA update; unmerging drops that weight again,
+returning to the exact NF4 codes.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch
 from torch import nn
 
 from models.errors import ConfigError
-from service.layers.tuners.base import iter_tuner_layers, root_model
-from service.layers.tuners.lora import LoRAConfig, LoRALayer, build_config, inject_lora
+from service.layers.tuners.base import build_config, inject_adapter
+from service.layers.tuners.lora import LoRAConfig, LoRALayer
 from service.layers.tuners.nf4 import NF4Weight
+from service.layers.tuners.registry import register_peft_method
 
 
 @dataclass
@@ -45,15 +47,71 @@ class QLoRAConfig(LoRAConfig):
             raise ConfigError(f"blocksize must be a positive even number, got {self.blocksize}")
 
 
-def quantize_layer(layer: LoRALayer, blocksize: int = 64, double_quant: bool = True) -> None:
+class QLoRALayer(LoRALayer):
+    """LoRA over an NF4-quantised base weight (``nf4``; ``base_layer`` keeps only its bias)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.nf4: NF4Weight | None = None
+
+    def quantize(self, blocksize: int = 64, double_quant: bool = True) -> None:
+        """Store the base weight as NF4 and drop the float copy (no-op when already quantised)."""
+        if self.nf4 is not None:
+            return
+        if self.merged:
+            raise ConfigError("unmerge the layer before quantising its base weight")
+        self.nf4 = NF4Weight(self.base_layer.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        del self.base_layer.weight
+
+    def update_layer(self, adapter_name: str, config: LoRAConfig, r: int, alpha: float) -> None:
+        super().update_layer(adapter_name, config, r, alpha)
+        self.quantize(getattr(config, "blocksize", 64), getattr(config, "double_quant", True))
+
+    def _has_float_weight(self) -> bool:
+        return self.nf4 is None or "weight" in self.base_layer._parameters
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in float (dequantised while not merged)."""
+        return self.base_layer.weight if self._has_float_weight() else self.nf4.dequantize()
+
+    def base_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        if self._has_float_weight():
+            return super().base_forward(x, bias)
+        return self._apply_weight(x, self.nf4.dequantize(), self.base_layer.bias if bias else None)
+
+    def _ensure_weight_param(self) -> None:
+        if not self._has_float_weight():
+            self.base_layer.weight = nn.Parameter(self.nf4.dequantize().detach().clone(), requires_grad=False)
+
+    @torch.no_grad()
+    def merge(self, names=None) -> None:
+        self._ensure_weight_param()
+        super().merge(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            return
+        super().unmerge()
+        if self.nf4 is not None:
+            del self.base_layer.weight  # back to the quantised weight, bit for bit
+
+    def stored_base_tensors(self):
+        if self._has_float_weight():
+            return []
+        return [("weight", tuple(self.nf4.shape), self.nf4.storage_bytes(), "base (NF4, frozen)")]
+
+    def can_unwrap(self) -> bool:
+        return self.nf4 is None  # the float weight is gone: the wrapper stays to hold the NF4 copy
+
+    def unload(self) -> nn.Module:
+        self._ensure_weight_param()
+        return self.base_layer
+
+
+def quantize_layer(layer: QLoRALayer, blocksize: int = 64, double_quant: bool = True) -> None:
     """Store ``layer``'s base weight as NF4 and drop the float copy."""
-    if layer.nf4 is not None:
-        return
-    if layer.merged:
-        raise ConfigError("unmerge the layer before quantising its base weight")
-    weight = layer.base_layer.weight
-    layer.nf4 = NF4Weight(weight.detach(), blocksize=blocksize, double_quant=double_quant)
-    del layer.base_layer.weight
+    layer.quantize(blocksize, double_quant)
 
 
 def apply_qlora(module: nn.Module, config: QLoRAConfig | None = None, adapter_name: str = "default", **settings) -> nn.Module:
@@ -63,12 +121,7 @@ def apply_qlora(module: nn.Module, config: QLoRAConfig | None = None, adapter_na
         >>> apply_qlora(model, QLoRAConfig(rank=16, bits=4, double_quant=True))
     """
     config = build_config(QLoRAConfig, config, settings)
-    summary = inject_lora(module, config, adapter_name)
-    root, _ = root_model(module)
-    adapted = set(summary["adapted"])
-    for name, layer in iter_tuner_layers(root):
-        if name in adapted and isinstance(layer, LoRALayer):
-            quantize_layer(layer, config.blocksize, config.double_quant)
+    inject_adapter(module, config, adapter_name, QLoRALayer)
     return module
 
 
@@ -80,3 +133,6 @@ def quantized_bytes(module: nn.Module) -> tuple[int, int]:
             stored += m.storage_bytes()
             fp32 += m.numel * torch.finfo(torch.float32).bits // 8
     return stored, fp32
+
+
+register_peft_method(QLoRAConfig, QLoRALayer, apply=apply_qlora)

@@ -1,49 +1,113 @@
-"""Name-driven access to the PEFT methods (for the recipe and HTTP jobs), in the style of timm's registries."""
+"""PEFT methods by name (HF PEFT's ``register_peft_method``, timm's ``register``).
+
+A method registers itself from its own module::
+
+    register_peft_method(ToyConfig, ToyLayer)            # a wrapping method: generic apply
+    register_peft_method(BitFitConfig, apply=apply_bitfit)  # its own apply function
+
+and is then usable by name everywhere: :func:`apply_peft`, ``save_adapter`` /
+``load_adapter`` (which rebuild it from its recorded config), merging (through
+the layer's ``mergeable`` flag, see :func:`is_mergeable`) and the report.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
 
-from service.layers.tuners.adapter import AdapterConfig, apply_adapters
-from service.layers.tuners.base import UnknownMethodError, mark_trainable, refresh_trainable, root_model
-from service.layers.tuners.bitfit import BitFitConfig, apply_bitfit
-from service.layers.tuners.dora import DoRAConfig, apply_dora
-from service.layers.tuners.lora import LoRAConfig, apply_lora
-from service.layers.tuners.qlora import QLoRAConfig, apply_qlora
+from models.errors import ConfigError
+from service.layers.tuners.base import (
+    BaseTunerLayer,
+    UnknownMethodError,
+    build_config,
+    inject_adapter,
+    mark_trainable,
+    refresh_trainable,
+    root_model,
+)
 
 
-def _apply_full(model: nn.Module, **settings: Any) -> nn.Module:
-    """Full fine-tuning: every parameter trains (no adapter)."""
-    if settings:
-        from models.errors import ConfigError
+@dataclass(frozen=True)
+class PeftMethod:
+    """A registered method.
 
-        raise ConfigError(f"method 'full' takes no settings, got {sorted(settings)}")
-    root, _ = root_model(model)
-    mark_trainable(root, [n for n, _ in root.named_parameters()], "full")
-    refresh_trainable(root)
-    return model
+    Attributes:
+        name: what :func:`apply_peft` and adapter files call it.
+        config_class: its settings dataclass (None for ``full`` / ``none``).
+        apply: ``apply(module, config=None, [adapter_name=...,] **settings) -> module``.
+        layer_class: the wrapper it injects (None: it adds no layer, e.g. BitFit).
+        mergeable: whether ``merge_lora`` can fold it into plain weights.
+    """
+
+    name: str
+    config_class: type | None
+    apply: Callable[..., nn.Module]
+    layer_class: type[BaseTunerLayer] | None = None
+    mergeable: bool = True
+
+    @property
+    def named(self) -> bool:
+        """Whether it adds a named adapter (``adapter_name``) rather than training base parameters."""
+        return self.layer_class is not None
 
 
-def _apply_none(model: nn.Module, **settings: Any) -> nn.Module:
-    """No PEFT: the model is left exactly as it is."""
-    if settings:
-        from models.errors import ConfigError
-
-        raise ConfigError(f"method 'none' takes no settings, got {sorted(settings)}")
-    return model
+_METHODS: dict[str, PeftMethod] = {}
 
 
-_METHODS: dict[str, tuple[Callable[..., nn.Module], type | None]] = {
-    "lora": (apply_lora, LoRAConfig),
-    "dora": (apply_dora, DoRAConfig),
-    "qlora": (apply_qlora, QLoRAConfig),
-    "bitfit": (apply_bitfit, BitFitConfig),
-    "adapters": (apply_adapters, AdapterConfig),
-    "full": (_apply_full, None),
-    "none": (_apply_none, None),
-}
+def _generic_apply(config_class: type, layer_class: type[BaseTunerLayer]) -> Callable[..., nn.Module]:
+    def apply(module: nn.Module, config=None, adapter_name: str = "default", **settings) -> nn.Module:
+        inject_adapter(module, build_config(config_class, config, settings), adapter_name, layer_class)
+        return module
+
+    apply.__name__ = f"apply_{config_class.peft_type}"
+    apply.__doc__ = f"Add a {config_class.peft_type} adapter ({config_class.__name__} settings) to ``module``."
+    return apply
+
+
+def register_peft_method(
+    config_class: type | None = None,
+    layer_class: type[BaseTunerLayer] | None = None,
+    *,
+    name: str | None = None,
+    apply: Callable[..., nn.Module] | None = None,
+    mergeable: bool | None = None,
+    replace: bool = False,
+) -> PeftMethod:
+    """Make a method known by name (default: ``config_class.peft_type``).
+
+    With a ``layer_class`` and no ``apply``, applying the method wraps the modules
+    the config's ``targets`` select (see ``base.inject_adapter``). ``mergeable``
+    defaults to the layer's flag. Registering a taken name is an error unless
+    ``replace=True``.
+    """
+    name = name or getattr(config_class, "peft_type", None)
+    if not name or not isinstance(name, str):
+        raise ConfigError("a PEFT method needs a name: pass name= or give its config class a peft_type")
+    if apply is None:
+        if config_class is None or layer_class is None:
+            raise ConfigError(f"method {name!r}: pass apply=, or both a config class and a layer class")
+        apply = _generic_apply(config_class, layer_class)
+    if mergeable is None:
+        mergeable = layer_class.mergeable if layer_class is not None else True
+    method = PeftMethod(name, config_class, apply, layer_class, bool(mergeable))
+    old = _METHODS.get(name)
+    if old is not None and not replace and (old.config_class, old.layer_class) != (config_class, layer_class):
+        raise ConfigError(f"a PEFT method named {name!r} is already registered ({old.config_class}); pass replace=True")
+    _METHODS[name] = method
+    return method
+
+
+def unregister_peft_method(name: str) -> None:
+    """Forget a method (for tests and plugins that add one temporarily)."""
+    _lookup(name)
+    del _METHODS[name]
+
+
+def get_peft_method(name: str) -> PeftMethod:
+    """The registered method ``name``; an unknown name raises UnknownMethodError listing the known ones."""
+    return _lookup(name)
 
 
 def list_peft_methods() -> list[str]:
@@ -53,10 +117,20 @@ def list_peft_methods() -> list[str]:
 
 def peft_config_class(method: str) -> type | None:
     """The config dataclass of a method (None for ``full`` / ``none``)."""
-    return _lookup(method)[1]
+    return _lookup(method).config_class
 
 
-def _lookup(method: str):
+def is_mergeable(method: str) -> bool:
+    """Whether a model tuned with ``method`` can be merged into plain weights (``merge_lora``, export).
+
+    Example:
+        >>> is_mergeable("lora"), is_mergeable("adapters")
+        (True, False)
+    """
+    return _lookup(method).mergeable
+
+
+def _lookup(method: str) -> PeftMethod:
     if method not in _METHODS:
         raise UnknownMethodError(f"unknown PEFT method {method!r}; known methods: {', '.join(list_peft_methods())}")
     return _METHODS[method]
@@ -68,5 +142,25 @@ def apply_peft(model: nn.Module, method: str, **settings: Any) -> nn.Module:
     Example:
         >>> apply_peft(model, "lora", rank=8, targets=["backbone", "neck"], adapter_name="kitchen")
     """
-    fn, _ = _lookup(method)
-    return fn(model, **settings)
+    return _lookup(method).apply(model, **settings)
+
+
+def _apply_full(model: nn.Module, **settings: Any) -> nn.Module:
+    """Full fine-tuning: every parameter trains (no adapter)."""
+    if settings:
+        raise ConfigError(f"method 'full' takes no settings, got {sorted(settings)}")
+    root, _ = root_model(model)
+    mark_trainable(root, [n for n, _ in root.named_parameters()], "full")
+    refresh_trainable(root)
+    return model
+
+
+def _apply_none(model: nn.Module, **settings: Any) -> nn.Module:
+    """No PEFT: the model is left exactly as it is."""
+    if settings:
+        raise ConfigError(f"method 'none' takes no settings, got {sorted(settings)}")
+    return model
+
+
+register_peft_method(name="full", apply=_apply_full)
+register_peft_method(name="none", apply=_apply_none)

@@ -7,14 +7,13 @@ parameters and the bytes it really takes (codes + scales).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from service.layers.tuners.adapter import AdapterLayer
-from service.layers.tuners.base import canonical_name, iter_tuner_layers, part_of, peft_state, root_model
-from service.layers.tuners.lora import LoRALayer
+from service.layers.tuners.base import PARTS, canonical_name, iter_tuner_layers, part_of, peft_state, root_model
 
 
 @dataclass
@@ -70,20 +69,16 @@ def trainable_report(model: nn.Module) -> TrainableReport:
         >>> print(trainable_report(model).table())
     """
     root, _ = root_model(model)
-    peft_config, trainable = peft_state(root)
+    state = peft_state(root)
+    trainable = state.trainable
     methods: dict[int, str] = {}
     for _, layer in iter_tuner_layers(root):
         for adapter in layer.adapter_names:
-            if isinstance(layer, AdapterLayer):
-                kind = "adapters"
-            elif isinstance(layer, LoRALayer):
-                kind = peft_config.get(adapter, {}).get("peft_type") or ("dora" if layer.use_dora[adapter] else "lora")
-            else:
-                kind = "adapter"
+            kind = state.adapters.get(adapter, {}).get("peft_type") or type(layer).__name__
             for _, p in layer.adapter_parameters(adapter):
                 methods[id(p)] = f"{kind} ({adapter})"
     report = TrainableReport()
-    for part in ("backbone", "neck", "head"):
+    for part in PARTS:
         if hasattr(root, "part_bounds"):
             report.by_part[part] = Row()
 
@@ -97,7 +92,6 @@ def trainable_report(model: nn.Module) -> TrainableReport:
         method = methods.get(id(p)) or trainable.get(cn) or ("base (trainable)" if p.requires_grad else "base (frozen)")
         count(cn, p.numel(), p.numel() * p.element_size(), p.requires_grad, method)
     for name, layer in iter_tuner_layers(root):
-        nf4 = getattr(layer, "nf4", None)
-        if nf4 is not None and "weight" not in layer.base_layer._parameters:
-            count(canonical_name(name) + ".weight", nf4.numel, nf4.storage_bytes(), False, "base (NF4, frozen)")
+        for pname, shape, nbytes, label in layer.stored_base_tensors():
+            count(f"{canonical_name(name)}.{pname}", math.prod(shape), nbytes, False, label)
     return report

@@ -1,0 +1,144 @@
+"""Methods register themselves: a toy method defined here trains, saves, loads and merges without touching
+the package; the model's PEFT state is one object; one predicate says what a PEFT wrapper is."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import pytest
+import torch
+from torch import nn
+
+from models.errors import ConfigError
+from service.layers.peft import (
+    BaseTunerLayer,
+    PeftState,
+    TunerConfig,
+    UnknownMethodError,
+    apply_bitfit,
+    apply_lora,
+    apply_peft,
+    has_peft_layers,
+    is_mergeable,
+    is_peft_layer,
+    list_adapters,
+    list_peft_methods,
+    load_adapter,
+    merge_lora,
+    register_peft_method,
+    save_adapter,
+    trainable_report,
+    unregister_peft_method,
+)
+from tests.peft_fixtures import logits, make_model, predict, rel_diff, train_steps
+from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
+
+
+@dataclass
+class ToyConfig(TunerConfig):
+    """A per-output-channel weight offset: ``W + shift[o] / fan_in`` (mergeable, exact to unmerge)."""
+
+    targets: Sequence[Any] | None = None
+    init: float = 0.0
+    bn_stats: str | None = None
+    peft_type = "toy"
+
+
+class ToyLayer(BaseTunerLayer):
+    adapter_layer_names = ("toy_shift",)
+    target_kinds = (nn.Conv2d,)
+
+    def __init__(self, base_layer: nn.Conv2d):
+        super().__init__(base_layer)
+        self.toy_shift = nn.ParameterDict()
+
+    def update_layer(self, adapter_name: str, config: ToyConfig) -> None:
+        self.toy_shift[adapter_name] = nn.Parameter(torch.full((self.base_layer.out_channels,), config.init))
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        w = self.base_layer.weight
+        return self.toy_shift[name].view(-1, 1, 1, 1).expand_as(w) / w[0].numel()
+
+    def forward(self, x):
+        if self.merged:
+            return self.base_layer(x)
+        weight = self.base_layer.weight
+        for name in self.active_adapters:
+            weight = weight + self.get_delta_weight(name)
+        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+
+@pytest.fixture
+def toy_method():
+    register_peft_method(ToyConfig, ToyLayer)
+    yield "toy"
+    unregister_peft_method("toy")
+
+
+def test_a_method_defined_outside_the_package_trains_saves_loads_and_merges(toy_method, tmp_path):
+    assert "toy" in list_peft_methods() and is_mergeable("toy")
+    model = make_model()
+    x = torch.rand(1, 3, 128, 128)
+    before = predict(model, x)
+    apply_peft(model, "toy", targets=["model.16", "model.19"], adapter_name="kitchen")
+    assert torch.equal(predict(model, x), before)  # zero shift: nothing changes
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".toy_shift.kitchen" in n for n in trainable)
+    train_steps(model, steps=3, lr=0.5)
+    tuned = predict(model, x)
+    assert rel_diff(tuned, before) > 1e-4
+    assert "toy (kitchen)" in trainable_report(model).by_method
+
+    save_adapter(model, tmp_path / "toy")
+    fresh = make_model()
+    assert load_adapter(fresh, tmp_path / "toy") == "kitchen"
+    assert list_adapters(fresh) == ["kitchen"]
+    assert torch.equal(logits(fresh, x), logits(model, x))
+
+    merge_lora(fresh)
+    assert not has_peft_layers(fresh)
+    assert rel_diff(predict(fresh, x), tuned) <= 1e-5
+
+
+def test_registration_errors(toy_method):
+    with pytest.raises(ConfigError, match="already registered"):
+        register_peft_method(ToyConfig, BaseTunerLayer)
+    with pytest.raises(ConfigError, match="needs a name"):
+        register_peft_method(apply=lambda m: m)
+    with pytest.raises(UnknownMethodError, match="known methods"):
+        is_mergeable("toy2")
+    assert not is_mergeable("adapters") and is_mergeable("lora") and is_mergeable("bitfit")
+
+
+def test_peft_state_is_one_object_on_the_model():
+    model = make_model()
+    plain = set(vars(model))
+    apply_lora(model, rank=2, targets=["model.5.conv"], adapter_name="a", bn_stats="freeze")
+    apply_bitfit(model)
+    assert set(vars(model)) - plain == {"peft_state"}
+    state = model.peft_state
+    assert isinstance(state, PeftState) and list(state.adapters) == ["a"] and "bitfit" in state.methods
+    assert state.bn_stats == "freeze" and any(role == "bitfit" for role in state.trainable.values())
+    merge_lora(model)
+    assert set(vars(model)) == plain
+
+
+def test_merging_a_deep_copy_keeps_the_originals_frozen_batchnorm():
+    """The recipe evaluates a merged deep copy mid-run; the model it keeps training must keep its BN hooks."""
+    model = make_model()
+    apply_lora(model, rank=2, targets=["neck"], bn_stats="freeze")
+    merge_lora(copy.deepcopy(model))
+    bn = model.model[0].bn
+    before = bn.running_mean.clone()
+    train_steps(model, steps=1)
+    assert torch.equal(bn.running_mean, before)
+
+
+def test_is_peft_layer():
+    model = make_model()
+    assert not any(is_peft_layer(m) for m in model.modules()) and not has_peft_layers(model)
+    apply_lora(model, rank=2, targets=["model.5.conv"])
+    assert is_peft_layer(model.model[5].conv) and not is_peft_layer(model.model[5].conv.base_layer)
+    assert has_peft_layers(model)
