@@ -22,3 +22,76 @@ def pil_open(fp: Any, formats: tuple[str, ...] | None = None):
     if getattr(opener, "__module__", "PIL.Image") != "PIL.Image":
         opener = getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", opener)
     return opener(fp, formats=formats) if formats is not None else opener(fp)
+
+
+#: bytes Pillow holds per pixel in each mode (RGB is stored in 4 bytes); unknown modes count as 4.
+MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 4, "PA": 4, "La": 4, "RGB": 4, "RGBA": 4, "RGBa": 4, "RGBX": 4,
+              "CMYK": 4, "YCbCr": 4, "LAB": 4, "HSV": 4, "I": 4, "F": 4, "I;16": 2, "I;16L": 2, "I;16B": 2,
+              "I;16N": 2}
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _scale_to_uint8(arr, full_scale: float):
+    """``arr`` (integers or floats, gray) -> uint8 with ``full_scale`` mapped to 255, rounded, clipped."""
+    import numpy as np
+
+    arr = np.nan_to_num(np.asarray(arr, dtype=np.float32), nan=0.0, posinf=full_scale, neginf=0.0)
+    if full_scale != 255.0:
+        arr *= np.float32(255.0 / full_scale)
+    return np.clip(arr + np.float32(0.5), 0, 255).astype(np.uint8)
+
+
+def to_rgb8(img):
+    """A PIL image in any mode -> an HxWx3 uint8 RGB array.
+
+    16-bit images (``I;16*``, and ``I`` holding 16-bit values, as 16-bit PNG and TIFF open) are scaled
+    from 0..65535, float images (``F``) from 0..1 (or 0..255 / 0..65535 when their values are that large),
+    instead of being clipped at 255 as ``convert("RGB")`` does. Alpha is dropped; palette, gray, CMYK and
+    YCbCr are converted by Pillow.
+    """
+    import numpy as np
+
+    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
+        arr = np.asarray(img)
+        if img.mode in _SIXTEEN_BIT:
+            full = 65535.0
+        else:
+            top = float(np.nanmax(arr)) if arr.size else 0.0
+            if img.mode == "F" and top <= 1.0:
+                full = 1.0
+            elif top <= 255.0:
+                full = 255.0
+            elif top <= 65535.0:
+                full = 65535.0
+            else:
+                full = top
+        gray = _scale_to_uint8(arr, full)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_reduced(img, target: int | None):
+    """Load ``img`` (opened, not yet loaded) no larger than needed for a ``target``-pixel network input.
+
+    Returns ``(rgb uint8 array, (sx, sy))`` where ``sx``, ``sy`` map the array's pixels back to the
+    file's (1.0 when nothing was reduced). A frame is reduced only when its longer side is at least twice
+    ``target``: JPEGs are decoded at 1/2, 1/4 or 1/8 scale by the decoder itself (``draft``), other formats
+    are decoded and box-averaged by an integer factor (``reduce``) before any float conversion, so the
+    result's longer side stays in ``[target, 2 * target)`` and letterboxing it loses nothing.
+    """
+    width, height = img.size
+    if target and max(width, height) >= 2 * target:
+        if img.format == "JPEG":
+            img.draft(None, (target, target))
+        img.load()
+        factor = max(img.size) // target
+        if factor >= 2:
+            if img.mode in _SIXTEEN_BIT:
+                img = img.convert("I")
+            img = img.reduce(factor)
+    else:
+        img.load()
+    rgb = to_rgb8(img)
+    return rgb, (width / rgb.shape[1], height / rgb.shape[0])

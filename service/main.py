@@ -22,9 +22,14 @@ from service.api.routes import detect, health, jobs, models
 from service.core.config import Settings
 from service.core.errors import install_error_handlers
 from service.core.inference import DetectorPool, InFlightLimiter, Loader, runtime_loader
+from service.api.openapi import install_openapi
+from service.core.images import DecodeBudget
 from service.core.limits import BodySizeLimitMiddleware
+from service.core.memory import return_large_blocks
 from service.core.metrics import Metrics, MetricsMiddleware
-from service.core.security import load_api_keys
+from service.core.security import load_api_keys, prepare_home
+from service.jobs.checker import shared_checker
+from service.jobs.retention import prune_job_files
 from service.jobs.bootstrap import ensure_default_model
 from service.jobs.store import JobStore
 from service.jobs.supervisor import WorkerSupervisor
@@ -58,9 +63,10 @@ def create_app(settings: Settings | None = None, detector_loader: Loader | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.home.mkdir(parents=True, exist_ok=True)
+        prepare_home(settings)
         settings.resolved_data_root.mkdir(parents=True, exist_ok=True)
         store = JobStore(settings.db_path)
+        return_large_blocks()
         interrupted = store.mark_interrupted(reason="the service restarted while it was running")
         if interrupted:
             log.warning("marked %d job(s) interrupted: %s", len(interrupted), ", ".join(interrupted))
@@ -70,7 +76,12 @@ def create_app(settings: Settings | None = None, detector_loader: Loader | None 
         app.state.pool = DetectorPool(
             registry, detector_loader or runtime_loader(settings.inference_threads), settings.max_loaded_models
         )
-        app.state.limiter = InFlightLimiter(settings.max_concurrent_inference)
+        app.state.limiter = InFlightLimiter(
+            settings.max_concurrent_inference, settings.inference_queue, settings.inference_queue_timeout_s
+        )
+        app.state.decode_budget = DecodeBudget(settings.max_decode_bytes_in_flight)
+        app.state.checker = shared_checker()
+        await anyio.to_thread.run_sync(prune_job_files, settings, store)
         supervisor = WorkerSupervisor(settings, store)
         supervisor.start()
         app.state.supervisor = supervisor
@@ -96,6 +107,7 @@ def create_app(settings: Settings | None = None, detector_loader: Loader | None 
     app.state.ready = False
     app.state.startup_error = None
     install_error_handlers(app)
+    install_openapi(app, settings)
     app.add_middleware(BodySizeLimitMiddleware, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     for router in (detect.router, models.router, jobs.router, health.router):

@@ -42,7 +42,8 @@ class FakeDetector:
 
 
 def make_settings(home: Path, **overrides) -> Settings:
-    values = dict(home=home, api_keys=[API_KEY], job_workers=0, inference_threads=1)
+    # no detect queue in tests unless asked: a request beyond max_concurrent_inference is refused (429) at once
+    values = dict(home=home, api_keys=[API_KEY], job_workers=0, inference_threads=1, inference_queue=0)
     values.update(overrides)
     return Settings(**values)
 

@@ -82,7 +82,7 @@ def test_cancel_queued_is_immediate_running_is_requested(tmp_path):
     assert store.request_cancel(b.id).state == "cancelled"
     running = store.request_cancel(a.id)
     assert running.state == "running" and running.cancel_requested and store.cancel_requested(a.id)
-    with pytest.raises(NotFoundError, match="GET /v1/jobs"):
+    with pytest.raises(NotFoundError, match="no job"):
         store.request_cancel("job-missing")
     with pytest.raises(NotFoundError):
         store.get("nope")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+import hashlib
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
@@ -64,15 +64,10 @@ def inference_auth(
         _check_key(request, api_key)
 
 
-async def inference_slot(request: Request) -> AsyncIterator[None]:
-    """Hold one of the ``max_concurrent_inference`` slots for the request; 429 when none is free."""
-    limiter: InFlightLimiter = _state(request, "limiter")
-    try:
-        limiter.acquire()
-    except Exception:
-        request.app.state.metrics.count_rejected("concurrency")
-        raise
-    try:
-        yield
-    finally:
-        limiter.release()
+def get_limiter(request: Request) -> InFlightLimiter:
+    return _state(request, "limiter")
+
+
+def key_owner(api_key: str | None = Security(api_key_header)) -> str:
+    """A stable, non-secret id of the presented key (jobs are counted per key for quotas)."""
+    return hashlib.sha256((api_key or "").encode()).hexdigest()[:16]

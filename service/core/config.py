@@ -48,18 +48,53 @@ class Settings(BaseModel):
     load_default_model: bool = Field(True, description="export (if needed) and load the default model at startup")
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0, description="largest image upload (bytes) -> 413 beyond")
-    max_image_pixels: int = Field(40_000_000, gt=0, description="largest decoded image (width*height) -> 413 beyond")
+    max_image_pixels: int = Field(
+        12_200_000, gt=0,
+        description="largest image (width*height, from its header) -> 413 beyond; 12.2 MP holds a 4032x3024 frame",
+    )
+    max_decode_bytes_in_flight: int = Field(
+        128 * 1024 * 1024, gt=0,
+        description="decoded image bytes held at once by all detect requests; beyond, requests wait for room",
+    )
+    request_body_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="a request whose body does not arrive within this many seconds -> 408"
+    )
     max_dataset_zip_bytes: int = Field(200 * 1024 * 1024, gt=0, description="largest uploaded dataset zip")
-    max_dataset_unzipped_bytes: int = Field(1024 * 1024 * 1024, gt=0, description="largest total size inside a zip")
+    max_dataset_unzipped_bytes: int = Field(512 * 1024 * 1024, gt=0, description="largest total size inside a zip")
     max_dataset_zip_entries: int = Field(100_000, gt=0)
+    max_active_dataset_bytes: int = Field(
+        2 * 1024 * 1024 * 1024, gt=0,
+        description="uploaded datasets that queued / running / interrupted jobs keep on disk, all together -> 507 beyond",
+    )
+    max_active_jobs_per_key: int = Field(4, gt=0, description="queued + running + interrupted jobs per API key -> 429")
+    keep_failed_runs: int = Field(
+        3, ge=0, description="run folders (checkpoints, for resume) kept for the newest failed jobs; older ones are removed"
+    )
 
-    max_concurrent_inference: int = Field(8, gt=0, description="detect requests in flight at once -> 429 beyond")
+    max_concurrent_inference: int = Field(
+        default_factory=lambda: max(2, os.cpu_count() or 1),
+        gt=0, description="detect requests running at once (default: the CPU count, at least 2)",
+    )
+    inference_queue: int = Field(
+        default_factory=lambda: 8 * max(2, os.cpu_count() or 1),
+        ge=0, description="detect requests that may wait for a running slot; beyond -> 429 at once",
+    )
+    inference_queue_timeout_s: float = Field(10.0, gt=0, description="longest wait for a slot -> 503 beyond")
     inference_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads per session (0: its default)")
     max_loaded_models: int = Field(4, gt=0, description="ONNX sessions kept loaded (least recently used dropped)")
 
     job_workers: int = Field(1, ge=0, description="worker processes running jobs (each one job at a time; 0: none)")
     worker_poll_seconds: float = Field(0.5, gt=0)
     worker_torch_threads: int = Field(1, ge=1, description="torch threads a worker trains with")
+    worker_heartbeat_timeout_s: float = Field(
+        30.0, gt=0, description="readiness fails when a live worker has not polled the job database for this long"
+    )
+
+    @field_validator("home", "data_root", "default_model_source", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # Workers run with another working directory: every path is made absolute once, here.
+        return None if value is None else Path(os.path.abspath(Path(value).expanduser()))
 
     @field_validator("api_keys", mode="before")
     @classmethod

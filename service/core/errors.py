@@ -49,6 +49,18 @@ class TooManyRequestsError(GlassesVisionError):
     http_status = 429
 
 
+class InsufficientStorageError(GlassesVisionError):
+    """A disk quota of the service is full (uploaded datasets of queued jobs)."""
+
+    http_status = 507
+
+
+class RequestTimeoutError(GlassesVisionError):
+    """The request body did not arrive in time."""
+
+    http_status = 408
+
+
 class NotReadyError(GlassesVisionError):
     """The service (or the model asked for) is still loading."""
 

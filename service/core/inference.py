@@ -11,17 +11,16 @@ are dropped beyond ``max_loaded``.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-import threading
 from collections import OrderedDict
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import anyio
 
 from models.errors import CheckpointError, GlassesVisionError
-from service.core.errors import TooManyRequestsError
+from service.core.errors import NotReadyError, TooManyRequestsError
 from service.registry import ModelRecord, ModelRegistry
 
 
@@ -47,13 +46,7 @@ def runtime_loader(threads: int = 1) -> Loader:
     def load(path: Path) -> DetectorLike:
         from export.runtime import Detector
 
-        params = inspect.signature(Detector).parameters
-        kwargs: dict[str, Any] = {}
-        if threads and "intra_op_threads" in params:
-            kwargs["intra_op_threads"] = threads
-        elif threads and "threads" in params:
-            kwargs["threads"] = threads
-        return Detector(path, **kwargs)
+        return Detector(path, threads=threads or None)
 
     return load
 
@@ -109,22 +102,46 @@ class DetectorPool:
 
 
 class InFlightLimiter:
-    """Counts requests in flight; beyond ``limit`` new ones are refused with 429 at once."""
+    """At most ``limit`` detect requests run at once; up to ``queue`` more wait (at most ``timeout`` s) for a slot.
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    Beyond the queue a request is refused at once (429); one that waits too long gets 503. Both carry
+    ``Retry-After``.
+    """
+
+    def __init__(self, limit: int, queue: int = 0, timeout: float = 10.0):
+        self.limit, self.queue, self.timeout = limit, queue, timeout
         self.in_flight = 0
-        self._lock = threading.Lock()
+        self.waiting = 0
+        self._sem: anyio.Semaphore | None = None
 
-    def acquire(self) -> None:
-        with self._lock:
-            if self.in_flight >= self.limit:
-                raise TooManyRequestsError(
-                    f"{self.in_flight} detect requests are already in flight (limit {self.limit}); retry shortly "
-                    "or raise GLASSES_VISION_MAX_CONCURRENT_INFERENCE"
-                )
-            self.in_flight += 1
-
-    def release(self) -> None:
-        with self._lock:
+    @asynccontextmanager
+    async def slot(self, on_reject: Callable[[], None] | None = None) -> AsyncIterator[None]:
+        """Hold a slot for the ``async with`` body; ``on_reject`` is called when refused (429 or 503)."""
+        if self._sem is None:
+            self._sem = anyio.Semaphore(self.limit)
+        if self.in_flight >= self.limit and self.waiting >= self.queue:
+            if on_reject:
+                on_reject()
+            raise TooManyRequestsError(
+                f"{self.in_flight} detect requests are running and {self.waiting} waiting (limit {self.limit}, "
+                f"queue {self.queue}); retry shortly or raise GLASSES_VISION_MAX_CONCURRENT_INFERENCE / "
+                "GLASSES_VISION_INFERENCE_QUEUE"
+            )
+        self.waiting += 1
+        try:
+            with anyio.fail_after(self.timeout):
+                await self._sem.acquire()
+        except TimeoutError:
+            if on_reject:
+                on_reject()
+            raise NotReadyError(
+                f"no inference slot came free within {self.timeout:g} s (limit {self.limit}); retry shortly"
+            ) from None
+        finally:
+            self.waiting -= 1
+        self.in_flight += 1
+        try:
+            yield
+        finally:
             self.in_flight -= 1
+            self._sem.release()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+import tempfile
+from pathlib import Path
 
-from models.io import atomic_write_text
 from service.core.config import Settings
 
 API_KEY_HEADER = "X-API-Key"
@@ -22,9 +23,30 @@ def load_api_keys(settings: Settings) -> list[str]:
         if key:
             return [key]
     key = secrets.token_urlsafe(32)
-    atomic_write_text(path, key + "\n")
-    os.chmod(path, 0o600)
+    write_private(path, key + "\n")
     return [key]
+
+
+def prepare_home(settings: Settings) -> None:
+    """Create the home folder readable by its owner only (0700); tighten it if it exists."""
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if settings.home.stat().st_mode & 0o077:
+        os.chmod(settings.home, 0o700)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` atomically to a file that is mode 0600 from its first byte (never readable by others)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def key_is_valid(presented: str | None, keys: list[str]) -> bool:

@@ -42,8 +42,9 @@ def export_for_registry(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = export_onnx(source, out, imgsz=imgsz, opset=opset, half=half, verify=verify)
-    info: dict[str, Any] = {"export": {"imgsz": imgsz, "opset": opset, "half": half, "verify": verify, "int8": False}}
-    info["verification"] = _verification_dict(result)
+    info: dict[str, Any] = {"export": {"imgsz": imgsz, "opset": result.opset, "half": half, "verify": verify,
+                                       "int8": False}}
+    info["verification"] = _plain(result.verification.to_dict()) if result.verification is not None else None
     if int8_calibration:
         from export import quantize_onnx
 
@@ -52,31 +53,16 @@ def export_for_registry(
         report = quantize_onnx(out, q_out, int8_calibration, mode="int8-static", dataset=dataset, measure=False)
         q_out.replace(out)
         info["export"]["int8"] = True
-        info["quantization"] = _verification_dict(report)
+        info["quantization"] = _plain(report.to_dict())
     config = read_model_config(source)
     info["classes"] = config.get("names")
     info["imgsz"] = imgsz or config.get("imgsz")
     return info
 
 
-def _verification_dict(result: Any) -> dict[str, Any] | None:
-    """Whatever ``export_onnx`` reports about verification, as plain JSON."""
-    if result is None:
-        return None
-    for attr in ("verification", "verify_report", "report"):
-        value = getattr(result, attr, None)
-        if value is not None:
-            result = value
-            break
-    if hasattr(result, "to_dict"):
-        result = result.to_dict()
-    elif hasattr(result, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        result = asdict(result)
-    if isinstance(result, dict):
-        return json.loads(json.dumps(result, default=str))
-    return {"result": str(result)}
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    """A report's ``to_dict()`` as plain JSON (numpy scalars and paths become numbers and strings)."""
+    return json.loads(json.dumps(data, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,35 +9,33 @@ A stop request (cancel, or the worker shutting down) is passed to the recipe's
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from models.errors import GlassesVisionError
 from service.core.config import Settings
+from service.jobs.datasets import resolve_dataset_path
+from service.jobs.retention import prune_job_files
 from service.jobs.spec import build_train_config, job_dir, job_log_path, job_run_dir
 from service.jobs.store import Job, JobStore
 from service.registry import ModelRegistry
 
-_STEP_KEYS = ("step", "global_step")
-_TOTAL_KEYS = ("total_steps", "max_steps", "total")
-_NOT_METRICS = ("world_size",)
+if TYPE_CHECKING:
+    from training.recipe import TrainResult
+
+_NOT_METRICS = ("step", "total_steps", "world_size")
 _CANCEL_POLL_SECONDS = 0.5
-
-
-def _as_dict(event: Any) -> dict[str, Any]:
-    if isinstance(event, dict):
-        return event
-    if dataclasses.is_dataclass(event) and not isinstance(event, type):
-        return dataclasses.asdict(event)
-    if hasattr(event, "to_dict"):
-        return event.to_dict()
-    return {k: v for k, v in vars(event).items() if not k.startswith("_")} if hasattr(event, "__dict__") else {}
+#: environment variables pointed at the job's own temporary folder while it runs (torch.compile, triton, ...).
+_TEMP_VARS = ("TMPDIR", "TEMP", "TMP", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 def _jsonable(value: Any) -> Any:
@@ -47,7 +45,7 @@ def _jsonable(value: Any) -> Any:
 def _scalar_metrics(data: dict[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in data.items():
-        if key in _STEP_KEYS or key in _TOTAL_KEYS or key in _NOT_METRICS:
+        if key in _NOT_METRICS:
             continue
         if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
             value = value.item()
@@ -57,26 +55,47 @@ def _scalar_metrics(data: dict[str, Any]) -> dict[str, float]:
 
 
 class JobProgress:
-    """The recipe's ``on_event`` callback: events -> job store + job log."""
+    """The recipe's ``on_event`` callback (``training.recipe.EventFn``): events -> job store + job log."""
 
     def __init__(self, store: JobStore, job_id: str, log: logging.Logger):
         self.store, self.job_id, self.log = store, job_id, log
 
-    def __call__(self, event: Any) -> None:
-        data = _as_dict(event)
-        step = next((data[k] for k in _STEP_KEYS if isinstance(data.get(k), int)), None)
-        total = next((data[k] for k in _TOTAL_KEYS if isinstance(data.get(k), int)), None)
-        metrics = _scalar_metrics(data)
-        nested = data.get("metrics")
+    def __call__(self, event: dict[str, Any]) -> None:
+        step = event.get("step") if isinstance(event.get("step"), int) else None
+        total = event.get("total_steps") if isinstance(event.get("total_steps"), int) else None
+        metrics = _scalar_metrics(event)
+        nested = event.get("metrics")
         if isinstance(nested, dict):
             metrics.update(_scalar_metrics(nested))
-        memory = data.get("memory")
-        memory = _jsonable(_as_dict(memory)) if memory is not None and not isinstance(memory, (int, float, str)) else None
+        memory = event.get("memory")
+        memory = _jsonable(memory) if isinstance(memory, dict) else None
         self.store.update_progress(self.job_id, step=step, total_steps=total, metrics=metrics, memory=memory)
-        kind = data.get("event") or data.get("kind") or data.get("type") or type(event).__name__
+        kind = event.get("event", "event")
         shown = " ".join(f"{k}={v:.5g}" for k, v in metrics.items())
         where = "" if step is None else f"[{step}/{total}] " if total else f"[{step}] "
         self.log.info("%s%s %s", where, kind, shown)
+
+
+@contextmanager
+def job_temp_dir(folder: Path) -> Iterator[Path]:
+    """Point every temporary file of the job (Python's ``tempfile``, torch.compile's caches) at ``folder``,
+    and remove it afterwards: nothing is left in the system's temporary folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved_env = {name: os.environ.get(name) for name in _TEMP_VARS}
+    saved_tempdir = tempfile.tempdir
+    for name in _TEMP_VARS:
+        os.environ[name] = str(folder)
+    tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = saved_tempdir
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class StopCheck:
@@ -109,35 +128,6 @@ def _job_logger(settings: Settings, job_id: str) -> tuple[logging.Logger, loggin
     return logger, handler
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _memory_report(result: Any, run_dir: Path) -> dict[str, Any] | None:
-    for attr in ("memory", "memory_report"):
-        value = getattr(result, attr, None)
-        if value is not None:
-            return _jsonable(value.to_dict() if hasattr(value, "to_dict") else _as_dict(value) or str(value))
-    summary = _read_json(run_dir / "summary.json") or {}
-    if isinstance(summary.get("memory"), dict):
-        return summary["memory"]
-    if (run_dir / "memory.txt").is_file():
-        return {"table": (run_dir / "memory.txt").read_text()}
-    return None
-
-
-def _final_metrics(result: Any, run_dir: Path) -> dict[str, Any]:
-    for attr in ("metrics", "final_metrics"):
-        value = getattr(result, attr, None)
-        if isinstance(value, dict):
-            return _jsonable(value)
-    summary = _read_json(run_dir / "summary.json") or {}
-    return _jsonable(summary.get("metrics", summary))
-
-
 def _has_checkpoint(run_dir: Path) -> bool:
     from training.checkpoint import find_checkpoint
 
@@ -148,9 +138,32 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return True
 
 
+def _recheck_datasets(job: Job, settings: Settings) -> None:
+    """The data root may have changed since submission: confine the job's datasets again before reading them."""
+    if job.spec.get("uploaded_dataset"):
+        return
+    root = settings.resolved_data_root
+    resolve_dataset_path(root, job.spec["data_yaml"])
+    if job.spec.get("replay_yaml"):
+        resolve_dataset_path(root, job.spec["replay_yaml"], what="replay")
+
+
 def run_job(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[], bool]) -> str:
     """Run ``job`` to its end; returns the final state written to the store."""
     log, handler = _job_logger(settings, job.id)
+    try:
+        with job_temp_dir(job_dir(settings, job.id) / "tmp"):
+            return _run(job, settings, store, worker_stop, log)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        try:
+            prune_job_files(settings, store)
+        except OSError as exc:  # retention must never fail the job
+            log.warning("could not remove ended jobs' files: %s", exc)
+
+
+def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[], bool], log: logging.Logger) -> str:
     request, model_id = job.spec["request"], job.spec["model_id"]
     run_dir = job_run_dir(settings, job.id)
     stop = StopCheck(store, job.id, worker_stop)
@@ -160,29 +173,30 @@ def run_job(job: Job, settings: Settings, store: JobStore, worker_stop: Callable
         torch.set_num_threads(settings.worker_torch_threads)
         from training.recipe import train
 
+        _recheck_datasets(job, settings)
         resume = job.resume and _has_checkpoint(run_dir)
         if job.resume and not resume:
             log.info("no checkpoint was written before the interruption; starting over")
-        config = build_train_config(request, job.spec["data_yaml"], run_dir, resume=resume)
+        config = build_train_config(request, job.spec, run_dir, resume=resume)
         log.info("job %s %s (attempt %d): %s", job.id, "resumed" if resume else "started", job.attempts,
                  json.dumps(request, sort_keys=True))
-        result = train(config, on_event=JobProgress(store, job.id, log), should_stop=stop)
-        memory = _memory_report(result, run_dir)
+        result: TrainResult = train(config, on_event=JobProgress(store, job.id, log), should_stop=stop)
+        memory = _jsonable(result.memory) if result.memory else None
         if memory is not None:
             store.update_progress(job.id, memory=memory)
-        stopped = getattr(result, "status", "completed") == "stopped"
         if stop.cancelled:
-            log.info("cancelled; the last checkpoint is kept in %s", run_dir)
+            log.info("cancelled; the run's files are removed")
             store.finish(job.id, "cancelled", error="cancelled on request")
             return "cancelled"
-        if stopped:
+        if result.status == "stopped":
             log.info("stopped because the worker is shutting down; resume continues from the last checkpoint")
             store.mark_interrupted(worker_pid=job.worker_pid, reason="the worker stopped while it was running")
             return "interrupted"
-        metrics = _final_metrics(result, run_dir)
-        store.update_progress(job.id, metrics=_scalar_metrics(metrics))
+        metrics = _jsonable(result.metrics)
+        store.update_progress(job.id, step=result.steps, total_steps=result.total_steps,
+                              metrics=_scalar_metrics(metrics))
         export = dict(request.get("export") or {})
-        log.info("training done; exporting %s to ONNX (%s)", run_dir / "merged", json.dumps(export, sort_keys=True))
+        log.info("training done; exporting %s to ONNX (%s)", result.merged_dir, json.dumps(export, sort_keys=True))
         from service.jobs.exporting import export_for_registry
 
         onnx_tmp = job_dir(settings, job.id) / "export" / "model.onnx"
@@ -207,9 +221,5 @@ def run_job(job: Job, settings: Settings, store: JobStore, worker_stop: Callable
         return "failed"
     except Exception as exc:  # a bug or an environment problem: keep the worker alive, record it on the job
         log.error("failed with an unexpected error:\n%s", traceback.format_exc())
-        store.finish(job.id, "failed",
-                     error=f"unexpected {type(exc).__name__}: {exc}; see GET /v1/jobs/{job.id}/logs")
+        store.finish(job.id, "failed", error=f"unexpected {type(exc).__name__}: {exc}; see the job's log")
         return "failed"
-    finally:
-        log.removeHandler(handler)
-        handler.close()

@@ -7,9 +7,13 @@ from typing import Any
 
 from models.errors import ConfigError
 from service.core.config import Settings
+from training.settings import SettingError, check_settings
 
-# Settings a job controls itself; train_settings may not override them.
-_RESERVED = ("data", "out", "resume", "quiet")
+# Settings a job controls itself; train_settings may not override them (replay goes through the data root).
+_RESERVED = ("data", "out", "resume", "quiet", "replay")
+# Top-level request fields and the TrainConfig field each one becomes.
+_REQUEST_FIELDS = {"steps": "max_steps", "base_model": "base", "replay": "replay", "replay_fraction": "replay_fraction",
+                   "peft_settings.rank": "rank", "peft_settings.alpha": "alpha"}
 # Without an epoch count, a step budget alone decides when a job ends.
 _EPOCHS_FOR_STEP_BUDGET = 100_000
 
@@ -26,8 +30,10 @@ def job_run_dir(settings: Settings, job_id: str) -> Path:
     return job_dir(settings, job_id) / "run"
 
 
-def train_config_values(request: dict[str, Any], data_yaml: str | Path, out: str | Path, resume: bool) -> dict[str, Any]:
-    """The ``TrainConfig`` fields for a job request (a ``JobCreate`` dump)."""
+def train_config_values(
+    request: dict[str, Any], data_yaml: str | Path, out: str | Path, resume: bool, replay_yaml: str | Path | None = None
+) -> dict[str, Any]:
+    """The ``TrainConfig`` fields for a job request (a ``JobCreate`` dump); ``replay_yaml`` is its resolved replay set."""
     extra = dict(request.get("train_settings") or {})
     reserved = sorted(set(extra) & set(_RESERVED))
     if reserved:
@@ -51,6 +57,10 @@ def train_config_values(request: dict[str, Any], data_yaml: str | Path, out: str
         quiet=True,
         resume=str(out) if resume else None,
     )
+    if replay_yaml is not None:
+        values["replay"] = str(replay_yaml)
+    if request.get("replay_fraction") is not None:
+        values["replay_fraction"] = request["replay_fraction"]
     if request.get("lr") is not None:
         values["lr"] = request["lr"]
     if request.get("steps") is not None:
@@ -61,21 +71,24 @@ def train_config_values(request: dict[str, Any], data_yaml: str | Path, out: str
     return values
 
 
-def build_train_config(request: dict[str, Any], data_yaml: str | Path, out: str | Path, resume: bool = False):
-    """A validated ``TrainConfig`` (the recipe's own checks raise ``ConfigError``)."""
+def check_train_values(request: dict[str, Any], values: dict[str, Any]) -> None:
+    """Types and bounds of every training setting (torch-free); the error names the request's own field."""
+    check_settings(request.get("train_settings") or {}, where="train_settings.")
+    try:
+        check_settings(values)
+    except SettingError as exc:
+        where = next((name for name, field in _REQUEST_FIELDS.items() if field == exc.field), exc.field)
+        raise SettingError(where, str(exc).split(": ", 1)[1]) from None
+
+
+def build_train_config(request: dict[str, Any], spec: dict[str, Any], out: str | Path, resume: bool = False):
+    """The job's validated ``TrainConfig``, in the worker (``spec`` is the stored job record)."""
     from training.config import TrainConfig
 
+    values = train_config_values(request, spec["data_yaml"], out, resume, spec.get("replay_yaml"))
+    check_train_values(request, values)
     try:
-        config = TrainConfig.from_dict(train_config_values(request, data_yaml, out, resume))
+        config = TrainConfig.from_dict(values)
     except TypeError as exc:
         raise ConfigError(f"invalid training settings: {exc}") from None
     return config.validate()
-
-
-def validate_job(spec: Any, data_yaml: str | Path, settings: Settings) -> None:
-    """Fail fast at submit time: the request must make a ``TrainConfig`` the recipe accepts."""
-    from models.registry import list_models
-
-    if spec.base_model not in list_models():
-        raise ConfigError(f"unknown base_model {spec.base_model!r}; use one of {', '.join(list_models())}")
-    build_train_config(spec.model_dump(mode="json"), data_yaml, settings.jobs_dir / "_validate", resume=False)

@@ -13,6 +13,7 @@ and the recipe continues from its last checkpoint).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -24,7 +25,10 @@ from typing import Any, Iterator
 from models.errors import NotFoundError
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+#: states a job never leaves by itself (``failed`` can still be resumed on request).
 FINAL_STATES = ("succeeded", "failed", "cancelled")
+#: states that hold a place in the queue (and their uploaded dataset on disk).
+ACTIVE_STATES = ("queued", "running", "interrupted")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -48,6 +52,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker_pid INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
+CREATE TABLE IF NOT EXISTS workers (
+    pid INTEGER PRIMARY KEY,
+    seen_at REAL NOT NULL
+);
 """
 
 
@@ -89,11 +97,20 @@ class JobStore:
     """Persistent job queue and status table."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = Path(path).absolute()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+        # the database (and its -wal / -shm files) readable by the owner only
+        old_umask = os.umask(0o077)
+        try:
+            with self._connect() as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+        finally:
+            os.umask(old_umask)
+        for suffix in ("", "-wal", "-shm"):
+            target = Path(f"{self.path}{suffix}")
+            if target.exists():
+                os.chmod(target, 0o600)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -122,7 +139,7 @@ class JobStore:
         with self._connect() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
-            raise NotFoundError(f"no job {job_id!r}; GET /v1/jobs lists the jobs")
+            raise NotFoundError(f"no job {job_id!r}")
         return Job._from_row(row)
 
     def list(self, state: str | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
@@ -134,6 +151,39 @@ class JobStore:
         with self._connect() as conn:
             rows = conn.execute(query, (*args, limit, offset)).fetchall()
         return [Job._from_row(r) for r in rows]
+
+    def active_for(self, owner: str) -> int:
+        """Jobs of ``owner`` (a key's fingerprint) that are queued, running or interrupted."""
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        with self._connect() as conn:
+            row = conn.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}) AND json_extract(spec, '$.owner') = ?",
+                (*ACTIVE_STATES, owner),
+            ).fetchone()
+        return int(row[0])
+
+    def active_dataset_bytes(self) -> int:
+        """Bytes of uploaded datasets that active jobs keep on disk."""
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        with self._connect() as conn:
+            row = conn.execute(
+                f"SELECT COALESCE(SUM(json_extract(spec, '$.dataset_bytes')), 0) FROM jobs WHERE state IN ({marks})",
+                ACTIVE_STATES,
+            ).fetchone()
+        return int(row[0] or 0)
+
+    # ---- workers -------------------------------------------------------------------------------
+    def heartbeat(self, pid: int) -> None:
+        """A worker says it polls this database (readiness checks that every worker does)."""
+        with self._connect() as conn:
+            conn.execute("INSERT INTO workers (pid, seen_at) VALUES (?, ?) ON CONFLICT(pid) DO UPDATE SET"
+                         " seen_at = excluded.seen_at", (pid, time.time()))
+
+    def worker_seen(self, pid: int) -> float | None:
+        """When worker ``pid`` last polled this database (None: never)."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT seen_at FROM workers WHERE pid = ?", (pid,)).fetchone()
+        return float(row[0]) if row else None
 
     def counts(self) -> dict[str, int]:
         """Number of jobs in every state (zero included)."""
@@ -198,7 +248,7 @@ class JobStore:
 
     def finish(self, job_id: str, state: str, error: str | None = None, model_id: str | None = None) -> None:
         """Move a job to a final (or interrupted) state."""
-        if state not in STATES or state in ("queued", "running"):
+        if state not in FINAL_STATES and state != "interrupted":
             raise ValueError(f"finish() takes a final state, not {state!r}")
         now = time.time()
         with self._transaction() as conn:
@@ -215,7 +265,7 @@ class JobStore:
         with self._transaction() as conn:
             row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                raise NotFoundError(f"no job {job_id!r}; GET /v1/jobs lists the jobs")
+                raise NotFoundError(f"no job {job_id!r}")
             if row["state"] in ("queued", "interrupted"):
                 conn.execute(
                     "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = ?, updated_at = ?"
@@ -252,8 +302,7 @@ class JobStore:
                 conn.execute(
                     "UPDATE jobs SET state = 'interrupted', worker_pid = NULL, updated_at = ?,"
                     " error = ? WHERE id = ?",
-                    (now, f"interrupted: {reason}; POST /v1/jobs/{job_id}/resume continues from the last checkpoint",
-                     job_id),
+                    (now, f"interrupted: {reason}; resume the job to continue from its last checkpoint", job_id),
                 )
         return ids
 

@@ -81,7 +81,7 @@ class WorkerSupervisor:
                     continue
                 self.store.finish(job.id, "failed", error=(
                     f"the worker process exited with code {code} (a crash, or killed for memory) while running this "
-                    f"job; POST /v1/jobs/{job.id}/resume continues from the last checkpoint"))
+                    "job; resume the job to continue from its last checkpoint"))
                 log.warning("job %s failed: worker %d exited with code %s", job.id, proc.pid, code)
             now = time.monotonic()
             if self._respawn_after[slot] == 0.0:

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from service.core.config import Settings
@@ -38,9 +39,36 @@ class StopFlag:
         return self.signalled
 
 
+class Heartbeat(threading.Thread):
+    """Writes this worker's pid and time into the job database every ``interval`` s, also while a job runs:
+    the API's readiness check fails when a live worker does not appear in *its* database."""
+
+    def __init__(self, store: JobStore, interval: float = 2.0):
+        super().__init__(name="heartbeat", daemon=True)
+        self.store, self.interval = store, interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.store.heartbeat(os.getpid())
+            except Exception as exc:  # a locked or vanished database: readiness will say so
+                log.warning("heartbeat to %s failed: %s", self.store.path, exc)
+            self.stopped.wait(self.interval)
+
+
 def serve_jobs(settings: Settings, stop: StopFlag, once: bool = False) -> int:
     """Run jobs until ``stop()``; with ``once`` return after the first job (or when the queue is empty)."""
     store = JobStore(settings.db_path)
+    heartbeat = Heartbeat(store)
+    heartbeat.start()
+    try:
+        return _serve(settings, store, stop, once)
+    finally:
+        heartbeat.stopped.set()
+
+
+def _serve(settings: Settings, store: JobStore, stop: StopFlag, once: bool) -> int:
     ran = 0
     while not stop():
         job = store.claim_next(os.getpid())
@@ -79,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     # Ctrl-C on the server's terminal reaches the whole process group; the API process stops us with SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN if args.settings_json else on_term)
-    log.info("worker started (home %s)", settings.home)
+    log.info("worker started (home %s, job database %s)", settings.home, settings.db_path)
     serve_jobs(settings, stop, once=args.once)
     log.info("worker stopped")
     return 0

@@ -12,13 +12,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import ValidationError
 
 from models.errors import DataError, GlassesVisionError
-from service.api.deps import get_metrics, get_pool, get_settings, inference_auth, inference_slot
+from service.api.deps import get_limiter, get_metrics, get_pool, get_settings, inference_auth
 from service.api.schemas.common import error_responses
 from service.api.schemas.detect import DetectionOut, DetectJSON, DetectOut, ImageSize
 from service.core.config import Settings
 from service.core.errors import NotReadyError, PayloadTooLargeError, UnsupportedMediaError
-from service.core.images import decode_image
-from service.core.inference import DetectorPool, ModelLoadError
+from service.core.images import decode_upload
+from service.core.inference import DetectorPool, InFlightLimiter, ModelLoadError
 from service.core.metrics import Metrics
 
 log = logging.getLogger("glasses_vision.service")
@@ -85,7 +85,7 @@ async def _read_image_bytes(request: Request, settings: Settings) -> bytes:
     response_model=DetectOut,
     summary="Detect objects in one image",
     dependencies=[Depends(inference_auth)],
-    responses=error_responses(401, 404, 409, 413, 415, 422, 429, 503),
+    responses=error_responses(400, 401, 404, 408, 409, 413, 415, 422, 429, 503),
     openapi_extra=_BODY_DOC,
 )
 async def detect(
@@ -94,41 +94,47 @@ async def detect(
     conf: float = Query(0.25, ge=0.0, le=1.0, description="minimum score"),
     iou: float = Query(0.45, ge=0.0, le=1.0, description="NMS IoU threshold"),
     max_det: int = Query(300, gt=0, le=10_000, description="at most this many boxes"),
-    _slot: None = Depends(inference_slot),
     settings: Settings = Depends(get_settings),
     pool: DetectorPool = Depends(get_pool),
+    limiter: InFlightLimiter = Depends(get_limiter),
     metrics: Metrics = Depends(get_metrics),
 ) -> DetectOut:
     """Upload an image (multipart field ``image``) or send it base64 in JSON; boxes come back in the image's pixels."""
-    data = await _read_image_bytes(request, settings)
+    data = await _read_image_bytes(request, settings)  # before a slot: a slow upload holds none
     model_id = model or settings.default_model
     if model_id == settings.default_model and not request.app.state.ready and not pool.is_loaded(model_id):
         raise NotReadyError(
             f"the default model {model_id!r} is still being prepared; retry when GET /readyz answers 200"
         )
-    loaded = await pool.get(model_id)
+    async with limiter.slot(on_reject=lambda: metrics.count_rejected("concurrency")):
+        loaded = await pool.get(model_id)
+        detector = loaded.detector
+        imgsz = getattr(detector, "imgsz", None) or loaded.record.imgsz
+        target = max(imgsz) if isinstance(imgsz, (tuple, list)) else imgsz
 
-    def decode_and_detect():  # one trip to the thread pool per request
-        image = decode_image(data, settings.max_upload_bytes, settings.max_image_pixels)
-        start = time.perf_counter()
-        try:
-            found = loaded.detector.detect(image, conf=conf, iou=iou, max_det=max_det)
-        except GlassesVisionError:
-            raise
-        except Exception as exc:  # onnxruntime failing on this model: say which model, keep serving
-            log.exception("inference with %s failed", model_id)
-            raise ModelLoadError(f"model {model_id!r} failed on this image ({type(exc).__name__}: {exc}); "
-                                 "check the model with GET /v1/models/{id} or re-export it") from None
-        return image.shape, found, time.perf_counter() - start
+        def decode_and_detect():  # one trip to the thread pool per request
+            image = decode_upload(data, settings.max_upload_bytes, settings.max_image_pixels, target,
+                                  request.app.state.decode_budget)
+            start = time.perf_counter()
+            try:
+                found = detector.detect(image.rgb, conf=conf, iou=iou, max_det=max_det)
+            except GlassesVisionError:
+                raise
+            except Exception as exc:  # onnxruntime failing on this model: say which model, keep serving
+                log.exception("inference with %s failed", model_id)
+                raise ModelLoadError(f"model {model_id!r} failed on this image ({type(exc).__name__}: {exc}); "
+                                     "check the model with GET /v1/models/{id} or re-export it") from None
+            return image, found, time.perf_counter() - start
 
-    shape, found, seconds = await anyio.to_thread.run_sync(decode_and_detect)
+        image, found, seconds = await anyio.to_thread.run_sync(decode_and_detect)
     metrics.observe_inference(model_id, seconds)
+    sx, sy = image.scale
     return DetectOut(
         model=model_id,
-        image=ImageSize(width=int(shape[1]), height=int(shape[0])),
+        image=ImageSize(width=image.width, height=image.height),
         detections=[
             DetectionOut(
-                x1=float(d.box[0]), y1=float(d.box[1]), x2=float(d.box[2]), y2=float(d.box[3]),
+                x1=float(d.box[0]) * sx, y1=float(d.box[1]) * sy, x2=float(d.box[2]) * sx, y2=float(d.box[3]) * sy,
                 score=float(d.score), class_id=int(d.class_id), class_name=str(d.class_name),
             )
             for d in found

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
@@ -31,7 +33,25 @@ async def readyz(request: Request, settings: Settings = Depends(get_settings)) -
         if problem:
             raise NotReadyError(f"the default model {settings.default_model!r} could not be prepared: {problem}")
         raise NotReadyError(f"the default model {settings.default_model!r} is still being exported or loaded")
+    supervisor = getattr(request.app.state, "supervisor", None)
+    store = getattr(request.app.state, "store", None)
+    if supervisor is not None and store is not None:
+        problem = await anyio.to_thread.run_sync(unseen_workers, supervisor, store, settings)
+        if problem:
+            raise NotReadyError(problem)
     return ReadyOut(default_model=settings.default_model)
+
+
+def unseen_workers(supervisor, store, settings: Settings) -> str | None:
+    """Why the job workers are not ready (a live worker has not polled the API's job database lately), or None."""
+    now = time.time()
+    for pid in supervisor.pids():
+        seen = store.worker_seen(pid)
+        if seen is None or now - seen > settings.worker_heartbeat_timeout_s:
+            return (f"job worker {pid} has not polled the service's job database "
+                    f"{'yet' if seen is None else f'for {now - seen:.0f} s'}; jobs will not run until it does "
+                    "(see <home>/logs/worker-*.log)")
+    return None
 
 
 @router.get(

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
 
 from models.errors import ConfigError, DataError
-from service.api.deps import get_registry, get_settings, get_store, require_api_key
+from service.api.deps import get_registry, get_settings, get_store, key_owner, require_api_key
 from service.api.schemas.common import error_responses
 from service.api.schemas.jobs import JOB_EXAMPLE, JobCreate, JobList, JobLogs, JobOut
 from service.core.config import Settings
-from service.core.errors import ConflictError, PayloadTooLargeError, UnsupportedMediaError
-from service.jobs.datasets import extract_dataset_zip, resolve_dataset_path
-from service.jobs.spec import job_log_path, validate_job
-from service.jobs.store import STATES, Job, JobStore, new_job_id
+from service.core.errors import ConflictError, UnsupportedMediaError
+from service.jobs.spec import job_log_path
+from service.jobs.store import FINAL_STATES, STATES, Job, JobStore
+from service.jobs.submit import submit_job
 from service.registry import ModelRegistry
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
@@ -47,6 +44,13 @@ def _invalid(exc: ValidationError) -> ConfigError:
     return ConfigError("invalid job: " + "; ".join(parts))
 
 
+def _parse(raw: str | bytes) -> JobCreate:
+    try:
+        return JobCreate.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
 def job_out(job: Job) -> JobOut:
     request = job.spec.get("request", {})
     return JobOut(
@@ -57,88 +61,42 @@ def job_out(job: Job) -> JobOut:
     )
 
 
-def _copy_upload(upload, target: Path, limit: int) -> int:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with open(target, "wb") as out:
-        while chunk := upload.file.read(1 << 20):
-            written += len(chunk)
-            if written > limit:
-                raise PayloadTooLargeError(f"the dataset zip is larger than the limit of {limit} bytes; upload less")
-            out.write(chunk)
-    return written
-
-
 @router.post(
     "",
     status_code=201,
     response_model=JobOut,
     summary="Submit a fine-tuning job (JSON with a dataset path, or multipart with a zip)",
-    responses=error_responses(401, 404, 413, 415, 422),
+    responses=error_responses(400, 401, 404, 408, 409, 413, 415, 422, 429, 503, 507),
     openapi_extra=_BODY_DOC,
 )
 async def create_job(
     request: Request,
     response: Response,
+    owner: str = Depends(key_owner),
     settings: Settings = Depends(get_settings),
     store: JobStore = Depends(get_store),
     registry: ModelRegistry = Depends(get_registry),
 ) -> JobOut:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    job_id = new_job_id()
-    job_dir = settings.jobs_dir / job_id
-    try:
-        if ctype == "application/json":
-            try:
-                spec = JobCreate.model_validate_json(await request.body())
-            except ValidationError as exc:
-                raise _invalid(exc) from None
-            if not spec.dataset:
-                raise DataError("'dataset' is missing; give a path under the data root or upload a zip (multipart)")
-            data_yaml = await anyio.to_thread.run_sync(resolve_dataset_path, settings.resolved_data_root, spec.dataset)
-            uploaded = False
-        elif ctype == "multipart/form-data":
-            form = await request.form(max_files=1, max_fields=4)
-            upload = form.get("dataset")
-            if upload is None or isinstance(upload, str):
-                raise DataError("a multipart job needs a zip file field named 'dataset' (and the job as JSON in 'spec')")
-            raw_spec = form.get("spec") or "{}"
-            if not isinstance(raw_spec, str):
-                raise DataError("the 'spec' field must be JSON text, not a file")
-            try:
-                spec = JobCreate.model_validate_json(raw_spec)
-            except ValidationError as exc:
-                raise _invalid(exc) from None
-            if spec.dataset:
-                raise DataError("give either 'dataset' in the spec or a zip upload, not both")
-            zip_path = job_dir / "upload.zip"
-            await anyio.to_thread.run_sync(_copy_upload, upload, zip_path, settings.max_dataset_zip_bytes)
-            data_yaml = await anyio.to_thread.run_sync(
-                extract_dataset_zip, zip_path, job_dir / "dataset",
-                settings.max_dataset_unzipped_bytes, settings.max_dataset_zip_entries,
-            )
-            zip_path.unlink(missing_ok=True)
-            uploaded = True
-        else:
-            raise UnsupportedMediaError(
-                f"unsupported Content-Type {ctype or '(none)'!r}; send the job as application/json, or as "
-                "multipart/form-data with 'spec' (JSON) and 'dataset' (a zip)"
-            )
-        model_id = spec.model_id or job_id
-        if registry.exists(model_id):
-            raise ConflictError(f"a model {model_id!r} is already registered; choose another model_id")
-        await anyio.to_thread.run_sync(validate_job, spec, data_yaml, settings)
-        record = {
-            "request": spec.model_dump(mode="json"),
-            "data_yaml": str(data_yaml),
-            "uploaded_dataset": uploaded,
-            "model_id": model_id,
-            "job_dir": str(job_dir),
-        }
-        job = await anyio.to_thread.run_sync(lambda: store.create(record, job_id=job_id))
-    except BaseException:
-        shutil.rmtree(job_dir, ignore_errors=True)
-        raise
+    upload = None
+    if ctype == "application/json":
+        spec = _parse(await request.body())
+    elif ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=4)
+        file = form.get("dataset")
+        if file is None or isinstance(file, str):
+            raise DataError("a multipart job needs a zip file field named 'dataset' (and the job as JSON in 'spec')")
+        raw_spec = form.get("spec") or "{}"
+        if not isinstance(raw_spec, str):
+            raise DataError("the 'spec' field must be JSON text, not a file")
+        spec, upload = _parse(raw_spec), file.file
+    else:
+        raise UnsupportedMediaError(
+            f"unsupported Content-Type {ctype or '(none)'!r}; send the job as application/json, or as "
+            "multipart/form-data with 'spec' (JSON) and 'dataset' (a zip)"
+        )
+    job = await anyio.to_thread.run_sync(lambda: submit_job(
+        spec, upload, owner=owner, settings=settings, store=store, registry=registry, checker=request.app.state.checker))
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_out(job)
 
@@ -184,7 +142,7 @@ async def get_job_logs(
              responses=error_responses(401, 404, 409))
 async def cancel_job(job_id: str, store: JobStore = Depends(get_store)) -> JobOut:
     job = await anyio.to_thread.run_sync(store.get, job_id)
-    if job.state in ("succeeded", "failed", "cancelled"):
+    if job.state in FINAL_STATES:
         raise ConflictError(f"job {job_id} already {job.state}; only queued, running or interrupted jobs can be cancelled")
     return job_out(await anyio.to_thread.run_sync(store.request_cancel, job_id))
 
