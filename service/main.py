@@ -18,7 +18,7 @@ from typing import AsyncIterator
 import anyio
 from fastapi import FastAPI
 
-from service.api.routes import detect, health, jobs, models
+from service.api.routes import detect, events, health, jobs, models, ui
 from service.core.config import Settings
 from service.core.errors import install_error_handlers
 from service.core.inference import DetectorPool, InFlightLimiter, Loader, runtime_loader
@@ -110,7 +110,7 @@ def create_app(settings: Settings | None = None, detector_loader: Loader | None 
     install_openapi(app, settings)
     app.add_middleware(BodySizeLimitMiddleware, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    for router in (detect.router, models.router, jobs.router, health.router):
+    for router in (detect.router, models.router, jobs.router, events.router, health.router, ui.router):
         app.include_router(router)
     return app
 
