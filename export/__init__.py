@@ -1,4 +1,4 @@
-"""Merge -> ONNX -> verify -> quantize, and the torch-free glasses runtime.
+"""Merge -> ONNX -> verify -> quantize, the torch-free glasses runtime and its drawing, and the way back to ultralytics.
 
 Names are imported lazily so that ``export.runtime`` (onnxruntime + numpy) can
 be imported where torch is not installed.
@@ -18,6 +18,8 @@ _LAZY = {
     "QuantizeReport": "export.quantize",
     "Detector": "export.runtime",
     "Detection": "export.runtime",
+    "export_ultralytics": "export.ultralytics_export",
+    "draw_detections": "export.draw",
 }
 
 __all__ = sorted(_LAZY)

@@ -240,7 +240,7 @@ def export_onnx(
     out: str | Path,
     imgsz: int | Sequence[int] | None = None,
     opset: int | None = None,
-    dynamic_batch: bool = True,
+    dynamic_batch: bool = False,
     half: bool = False,
     nms: bool = False,
     verify: bool = True,
@@ -254,7 +254,8 @@ def export_onnx(
             or ``best/`` with ``best=True``) or a registry name.
         imgsz: input size, an int or ``(h, w)`` multiple of the stride (default: the model's ``imgsz``).
         opset: ONNX opset (default 17).
-        dynamic_batch: a symbolic batch dimension.
+        dynamic_batch: a symbolic batch dimension (for a server that batches frames); the default, a static
+            batch of 1, is what the glasses run and the fastest file (docs/benchmarks/export.md).
         half: float16 weights and compute (inputs / outputs stay float32).
         nms: NMS inside the graph is not offered; boxes go through ``models.processing`` in the runtime.
         verify: run :func:`export.verify.verify_onnx` on the result and raise ``ExportError`` beyond tolerance.

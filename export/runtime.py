@@ -104,14 +104,26 @@ class Detector:
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if "float16" in inp.type else np.float32
+        #: The file's fixed batch size (1 for the default glasses export), or None for a dynamic batch axis.
+        self.batch_size: int | None = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
 
     def __repr__(self) -> str:
         return f"Detector({str(self.path)!r}, imgsz={self.imgsz}, classes={len(self.names)})"
 
     def raw(self, batch: np.ndarray) -> np.ndarray:
-        """Network output ``(B, 4 + nc, A)`` for a preprocessed float input ``(B, 3, H, W)``."""
-        out = self.session.run(None, {self.input_name: batch.astype(self.input_dtype, copy=False)})[0]
-        return np.asarray(out, dtype=np.float32)
+        """Network output ``(B, 4 + nc, A)`` for a preprocessed float input ``(B, 3, H, W)``.
+
+        A file with a fixed batch size takes any ``B``: the frames run in chunks of that size.
+        """
+        batch = batch.astype(self.input_dtype, copy=False)
+        fixed = self.batch_size
+        if fixed is None or batch.shape[0] == fixed:
+            return np.asarray(self.session.run(None, {self.input_name: batch})[0], dtype=np.float32)
+        if batch.shape[0] % fixed:
+            raise DataError(f"{self.path} takes batches of {fixed} frames, got {batch.shape[0]}; "
+                            "export it with --dynamic-batch to run any batch size")
+        outs = [self.session.run(None, {self.input_name: batch[i : i + fixed]})[0] for i in range(0, batch.shape[0], fixed)]
+        return np.concatenate(outs).astype(np.float32, copy=False)
 
     def detect(self, image: Any, conf: float = 0.25, iou: float = 0.45, max_det: int = 300) -> list[Detection]:
         """Detections in one frame (an RGB HWC array, a PIL image or an image path), in its own pixels."""

@@ -15,6 +15,10 @@ def test_export_cli_run_dir_and_int8(tmp_path, tiny_dataset, capsys):
     assert main(["export", "--from", str(run), "--out", str(out), "--imgsz", "64", "--json", str(tmp_path / "r.json")]) == 0
     text = capsys.readouterr().out
     assert "parity with PyTorch: ok" in text and "latency (batch 1, 1 thread)" in text and "MB" in text
+    assert "batch 1," in text  # the glasses default: a static batch of 1
+    assert main(["export", "--from", str(run), "--out", str(tmp_path / "server.onnx"), "--imgsz", "64", "--no-verify",
+                 "--dynamic-batch"]) == 0
+    assert "batch dynamic" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["export"]["verification"]["passed"] is True
 
     q = tmp_path / "kitchen8.onnx"

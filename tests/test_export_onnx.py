@@ -33,7 +33,8 @@ def test_metadata_and_verification(exported):
     pre = json.loads(meta["preprocessing"])
     assert pre["letterbox_color"] == 114 and pre["channel_order"] == "RGB" and pre["layout"] == "NCHW"
     assert pre["scale"] == "1/255"
-    assert json.loads(meta["output_layout"])["shape"] == ["batch", 10, 336]
+    assert json.loads(meta["output_layout"])["shape"] == [1, 10, 336] and meta["dynamic_batch"] == "false"
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [1, 3, IMGSZ, IMGSZ]  # glasses default
     assert meta["project_version"] and meta["precision"] == "fp32" and meta["opset"] == "17"
     # the checkpoint hash is that of the weights as DetectionModel.save writes them
     assert meta["source_sha256"] == result.source_sha256 and len(result.source_sha256) == 64
@@ -42,8 +43,11 @@ def test_metadata_and_verification(exported):
     assert not list(Path(result.path).parent.glob(".*staging*"))  # no temporary file left behind
 
 
-def test_dynamic_batch_matches_pytorch(exported):
-    model, result = exported
+def test_dynamic_batch_matches_pytorch(exported, tmp_path):
+    model, static = exported
+    result = export_onnx(model, tmp_path / "dynamic.onnx", dynamic_batch=True, verify=False)
+    meta = {p.key: p.value for p in onnx.load(result.path).metadata_props}
+    assert json.loads(meta["output_layout"])["shape"] == ["batch", 10, 336] and meta["dynamic_batch"] == "true"
     x = np.concatenate([preprocess(f, IMGSZ)[0] for f in generated_frames()])
     out = ort.InferenceSession(result.path, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
     with torch.no_grad():
@@ -51,6 +55,12 @@ def test_dynamic_batch_matches_pytorch(exported):
     assert out.shape == ref.shape == (2, 10, 336)
     assert np.abs(out - ref).max() < 1e-3
     assert model.training is False and not any(hasattr(m, "base_layer") for m in model.modules())
+    # the static (default) file takes a batch too, one frame at a time, with the same numbers
+    from export.runtime import Detector
+
+    det_static, det_dynamic = Detector(static.path), Detector(result.path)
+    assert det_static.batch_size == 1 and det_dynamic.batch_size is None
+    assert np.abs(det_static.raw(x) - out).max() < 1e-4
 
 
 def test_export_from_model_and_run_dirs(tmp_path):
