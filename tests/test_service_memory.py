@@ -1,0 +1,121 @@
+"""Finding 2 of the service audit, measured: peak RSS of a live server (real uvicorn, real onnxruntime Detector)
+under 8 concurrent worst-case uploads stays <= 1.5 x idle + 300 MiB, and RSS returns to within 10 % of idle."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from tests.service_fixtures import free_port, wait_for
+
+IMGSZ = 320
+NAMES = ["cup"]
+
+_SERVER = r"""
+import sys, uvicorn
+from pathlib import Path
+from service.core.config import Settings
+from service.main import create_app
+from service.registry import ModelRegistry
+home, onnx, port = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+ModelRegistry(home / "models").register("glasses-base-yolo11n", onnx, classes=["cup"], imgsz=320)
+app = create_app(Settings(home=home, api_keys=["k"], job_workers=0, inference_threads=1))
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+"""
+
+
+def write_constant_detector(path: Path, imgsz: int = IMGSZ) -> None:
+    """A valid exported-detector file whose network answers a constant (no torch needed): the service's
+    memory is in decoding and pre-processing, which this exercises exactly as a real model does."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.metadata import build_metadata
+
+    anchors = sum((imgsz // s) ** 2 for s in (8, 16, 32))
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, imgsz, imgsz])
+    y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 4 + len(NAMES), anchors])
+    const = numpy_helper.from_array(np.zeros((1, 4 + len(NAMES), anchors), np.float32), "const")
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    nodes = [helper.make_node("ReduceMean", ["images"], ["m"], keepdims=0),
+             helper.make_node("Mul", ["m", "zero"], ["z"]),
+             helper.make_node("Add", ["const", "z"], ["output0"])]
+    graph = helper.make_graph(nodes, "constant", [x], [y], initializer=[const, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    meta = build_metadata(names=NAMES, stride=[8, 16, 32], imgsz=(imgsz, imgsz), anchors=anchors, source="test",
+                          source_sha256="0" * 64, opset=17)
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+def _rss(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(field)
+
+
+def test_02_peak_rss_under_8_concurrent_worst_case_uploads(tmp_path):
+    onnx_file = tmp_path / "constant.onnx"
+    write_constant_detector(onnx_file)
+    worst = io.BytesIO()
+    Image.new("RGB", (4032, 3024)).save(worst, format="PNG")  # the largest frame the default limit admits
+    bomb = io.BytesIO()
+    Image.new("L", (6300, 6300)).save(bomb, format="PNG")  # the audit's 6300x6300 zero PNG
+    small = io.BytesIO()
+    Image.new("RGB", (640, 480), (90, 60, 30)).save(small, format="JPEG")
+    port = free_port()
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(tmp_path / "home"), str(onnx_file), str(port)],
+                            cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _ready(url), 60, interval=0.2, what="server ready")
+        with httpx.Client(timeout=60) as client:
+            for _ in range(5):  # warm-up: the session's first runs allocate its arenas
+                assert client.post(f"{url}/v1/detect", files={"image": ("s.jpg", small.getvalue())}).status_code == 200
+            time.sleep(0.5)
+            idle = _rss(proc.pid)
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # reset the peak (VmHWM) to now
+
+            def send(data: bytes) -> int:
+                return client.post(f"{url}/v1/detect", files={"image": ("w.png", data)}).status_code
+
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(send, [worst.getvalue()] * 8))
+                bomb_codes = list(pool.map(send, [bomb.getvalue()] * 8))
+            seconds = time.monotonic() - t0
+            peak = _rss(proc.pid, "VmHWM")
+            time.sleep(1.0)
+            after = _rss(proc.pid)
+        mib = 1024 * 1024
+        report = {"idle_mib": round(idle / mib, 1), "peak_mib": round(peak / mib, 1),
+                  "after_mib": round(after / mib, 1), "burst_s": round(seconds, 2), "codes": codes,
+                  "bomb_codes": bomb_codes}
+        print(json.dumps(report))
+        assert codes == [200] * 8 and bomb_codes == [413] * 8, report
+        assert peak <= 1.5 * idle + 300 * mib, report
+        assert after <= 1.10 * idle, report
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
