@@ -156,7 +156,7 @@ async function runDetect(blob, name) {
     return null;
   }
   const roundTrip = performance.now() - started;
-  renderBoxes(body);
+  renderBoxes(body, conf);
   const n = body.detections.length;
   let text = `${n} box${n === 1 ? "" : "es"} · ${body.model} · inference ${body.inference_ms.toFixed(1)} ms` +
              ` · round trip ${roundTrip.toFixed(0)} ms · ${body.image.width}×${body.image.height}`;
@@ -175,7 +175,7 @@ function clearBoxes() {
   $("detections").hidden = true;
 }
 
-function renderBoxes(body) {
+function renderBoxes(body, conf) {
   const overlay = $("overlay");
   const { width, height } = body.image;
   const boxes = [];
@@ -192,6 +192,7 @@ function renderBoxes(body) {
     box.style.width = `${(100 * (d.x2 - d.x1)) / width}%`;
     box.style.height = `${(100 * (d.y2 - d.y1)) / height}%`;
     box.style.color = color;
+    box.style.zIndex = String(body.detections.length - i);  // the best-scored box and label on top
     if (d.y1 < 0.06 * height) box.classList.add("label-inside");
     const label = document.createElement("span");
     label.className = "label";
@@ -212,6 +213,7 @@ function renderBoxes(body) {
   });
   overlay.replaceChildren(...boxes);
   overlay.dataset.count = String(boxes.length);
+  overlay.dataset.conf = conf;
   overlay.dataset.state = "done";
   $("detections").tBodies[0].replaceChildren(...rows);
   $("detections").hidden = rows.length === 0;
@@ -382,6 +384,7 @@ function handleEvent(block) {
     $("stat-loss").textContent = payload.loss === null ? "–" : payload.loss.toFixed(4);
     $("stat-lr").textContent = payload.lr === null ? "–" : payload.lr.toExponential(2);
     $("stat-eta").textContent = formatSeconds(payload.eta_s);
+    updateJobRow(payload.step, payload.total_steps);
     queueChart();
   } else if (event === "eval") {
     jobState.evals.push(payload);
@@ -397,6 +400,13 @@ function handleEvent(block) {
       refreshJobs();
     }
   }
+}
+
+function updateJobRow(step, total) {  // the table refreshes every 5 s; the followed job's row follows the stream
+  const row = [...$("jobs-table").tBodies[0].rows].find((r) => r.dataset.jobId === jobState.id);
+  if (!row) return;
+  row.cells[3].textContent = total ? `${step} / ${total}` : String(step);
+  if (total) row.cells[4].textContent = `${Math.round((100 * step) / total)} %`;
 }
 
 function showJobError(text) {

@@ -1,16 +1,22 @@
-"""``POST /v1/detect``: boxes for one image, from ``export.runtime.Detector``."""
+"""``POST /v1/detect``: boxes for one image, from ``export.runtime.Detector``.
+
+With ``Accept: image/png`` (or ``?render=true``) the answer is the frame with the boxes drawn by
+``export.draw.draw_detections`` instead of JSON.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import logging
 import time
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
 
+from export.draw import draw_detections
 from models.errors import DataError, GlassesVisionError
 from service.api.deps import get_limiter, get_metrics, get_pool, get_settings, inference_auth
 from service.api.schemas.common import error_responses
@@ -80,12 +86,50 @@ async def _read_image_bytes(request: Request, settings: Settings) -> bytes:
     )
 
 
+_PNG_DOC = {
+    "description": "the boxes as JSON; with `Accept: image/png` or `?render=true`, the frame with the boxes drawn",
+    "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+}
+
+
+def wants_png(accept: str) -> bool:
+    """``Accept`` ranks ``image/png`` (or ``image/*``) above JSON; ``*/*`` and ties mean JSON."""
+    png = json_q = 0.0
+    for part in accept.split(","):
+        media, *params = (p.strip().lower() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            if param.startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        if media in ("image/png", "image/*"):
+            png = max(png, q)
+        elif media in ("application/json", "application/*", "*/*"):
+            json_q = max(json_q, q)
+    return png > json_q
+
+
+RENDER_SIDE = 1024  # frames with a side of 2 * RENDER_SIDE or more are drawn reduced (longer side < 2 * RENDER_SIDE)
+
+
+def annotated_png(data: bytes, detections: list[dict], settings: Settings, budget=None) -> bytes:
+    """The uploaded frame with the boxes (in the file's pixels), class names and scores drawn, as PNG bytes."""
+    frame = decode_upload(data, settings.max_upload_bytes, settings.max_image_pixels, RENDER_SIDE, budget)
+    sx, sy = frame.scale
+    drawn = [{**d, "box": (d["box"][0] / sx, d["box"][1] / sy, d["box"][2] / sx, d["box"][3] / sy)} for d in detections]
+    buf = io.BytesIO()
+    draw_detections(frame.rgb, drawn).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
 @router.post(
     "/detect",
     response_model=DetectOut,
     summary="Detect objects in one image",
     dependencies=[Depends(inference_auth)],
-    responses=error_responses(400, 401, 404, 408, 409, 413, 415, 422, 429, 503),
+    responses={**error_responses(400, 401, 404, 408, 409, 413, 415, 422, 429, 503), 200: _PNG_DOC},
     openapi_extra=_BODY_DOC,
 )
 async def detect(
@@ -94,6 +138,7 @@ async def detect(
     conf: float = Query(0.25, ge=0.0, le=1.0, description="minimum score"),
     iou: float = Query(0.45, ge=0.0, le=1.0, description="NMS IoU threshold"),
     max_det: int = Query(300, gt=0, le=10_000, description="at most this many boxes"),
+    render: bool = Query(False, description="answer with the frame and its boxes drawn, as PNG (as Accept: image/png)"),
     settings: Settings = Depends(get_settings),
     pool: DetectorPool = Depends(get_pool),
     limiter: InFlightLimiter = Depends(get_limiter),
@@ -127,7 +172,18 @@ async def detect(
             return image, found, time.perf_counter() - start
 
         image, found, seconds = await anyio.to_thread.run_sync(decode_and_detect)
+        png = None
+        if render or wants_png(request.headers.get("accept", "")):  # the model may have seen a reduced frame
+            fx, fy = image.scale
+            boxes = [{"box": (d.box[0] * fx, d.box[1] * fy, d.box[2] * fx, d.box[3] * fy), "score": float(d.score),
+                      "class_id": int(d.class_id), "class_name": str(d.class_name)} for d in found]
+            budget = getattr(request.app.state, "decode_budget", None)
+            png = await anyio.to_thread.run_sync(annotated_png, data, boxes, settings, budget)
     metrics.observe_inference(model_id, seconds)
+    if png is not None:
+        return Response(png, media_type="image/png", headers={
+            "X-Model": model_id, "X-Detections": str(len(found)), "X-Inference-Ms": f"{seconds * 1000.0:.3f}",
+            "X-Image-Size": f"{image.width}x{image.height}", "Cache-Control": "no-store"})
     sx, sy = image.scale
     return DetectOut(
         model=model_id,
