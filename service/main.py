@@ -81,6 +81,8 @@ def create_app(settings: Settings | None = None, detector_loader: Loader | None 
         )
         app.state.decode_budget = DecodeBudget(settings.max_decode_bytes_in_flight)
         app.state.checker = shared_checker()
+        if settings.job_workers:
+            app.state.checker.warm()  # the library's job checks import torch in a child: start it now
         await anyio.to_thread.run_sync(prune_job_files, settings, store)
         supervisor = WorkerSupervisor(settings, store)
         supervisor.start()

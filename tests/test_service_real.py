@@ -98,7 +98,7 @@ def test_uvicorn_end_to_end(home, tiny_onnx):
         peft = "lora" if _has_lora() else "none"
         spec = {"name": "ego-e2e", "dataset": "ego", "base_model": "yolo11n", "peft": peft, "steps": 2,
                 "imgsz": IMGSZ, "batch": 2, "model_id": "ego-e2e"}
-        resp = httpx.post(f"{url}/v1/jobs", json=spec, headers=AUTH)
+        resp = httpx.post(f"{url}/v1/jobs", json=spec, headers=AUTH, timeout=180)  # the first job waits for the checker
         assert resp.status_code == 201, resp.text
         c = resp.json()["id"]
         done = wait_for(lambda: (lambda j: j if j["state"] not in ("queued", "running") else None)(_job_state(url, c)),
@@ -118,7 +118,7 @@ def test_uvicorn_end_to_end(home, tiny_onnx):
         # a worker dying mid-job (think OOM kill) fails that job; the API keeps serving; a new worker takes over
         long_job = {"dataset": "ego", "base_model": "yolo11n", "peft": "none", "steps": 5000, "imgsz": IMGSZ,
                     "batch": 2, "train_settings": {"eval_every": 0, "log_every": 1}}
-        b = httpx.post(f"{url}/v1/jobs", json=long_job, headers=AUTH).json()["id"]
+        b = httpx.post(f"{url}/v1/jobs", json=long_job, headers=AUTH, timeout=60).json()["id"]
         wait_for(lambda: _job_state(url, b)["step"] >= 1, 60, interval=0.2, what="job b running")
         pid = app.state.supervisor.pids()[0]
         os.kill(pid, signal.SIGKILL)

@@ -137,7 +137,14 @@ class JobChecker:
     def __init__(self, idle_seconds: float = 300.0):
         self.idle_seconds = idle_seconds
         self._proc: subprocess.Popen | None = None
+        self._answered = False  # the current child has answered once (its imports are done)
         self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        """Start the child now (it imports torch in the background), so the first submission does not wait."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc, self._answered = self._start(), False
 
     def _start(self) -> subprocess.Popen:
         from service.jobs.supervisor import REPO_ROOT, worker_env
@@ -153,10 +160,9 @@ class JobChecker:
         line = json.dumps({"values": values, "export": export}, default=str) + "\n"
         with self._lock:
             for attempt in range(2):
-                fresh = self._proc is None or self._proc.poll() is not None
-                if fresh:
-                    self._proc = self._start()
-                proc = self._proc
+                if self._proc is None or self._proc.poll() is not None:
+                    self._proc, self._answered = self._start(), False
+                proc, fresh = self._proc, not self._answered
                 try:
                     assert proc.stdin is not None and proc.stdout is not None
                     proc.stdin.write(line)
@@ -170,6 +176,7 @@ class JobChecker:
                 except (BrokenPipeError, OSError):
                     reply = ""
                 if reply:
+                    self._answered = True
                     answer = json.loads(reply)
                     if answer.get("ok"):
                         return
