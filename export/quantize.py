@@ -22,6 +22,12 @@ from models.processing import preprocess
 from export.runtime import Detector, load_image
 
 MODES = ("int8-static", "fp16")
+#: Calibration methods of onnxruntime's quantize_static (MinMax: the default; the others cost more and,
+#: on the benchmark set, moved mAP50-95 by < 0.5 points: docs/benchmarks/export.md).
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: Activation types: uint8 activations x int8 weights (U8S8) run on the fast x86 int8 kernels; int8
+#: activations (S8S8, symmetric) measured 2-3x *slower* than fp32 on the benchmark machine.
+ACTIVATION_TYPES = ("uint8", "int8")
 
 
 @dataclass
@@ -136,7 +142,8 @@ def float_nodes(proto, head_layer: str, keep_head_float: bool, keep_decode_float
 
 
 def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_head_float: bool, per_channel: bool,
-                 keep_decode_float: bool = True) -> int:
+                 keep_decode_float: bool = True, calibration_method: str = "minmax", activation_type: str = "uint8",
+                 op_types: Sequence[str] | None = None) -> int:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -150,11 +157,15 @@ def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_he
             quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
         except Exception:  # pre-processing is an optimisation; quantize the file as it is if it fails
             prepped = src
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[calibration_method]
+        symmetric = activation_type == "int8"
         quantize_static(
             str(prepped), str(dst), _FrameReader(frames, det.imgsz, det.input_name),
-            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
-            extra_options={"CalibMovingAverage": False},
+            quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, per_channel=per_channel, calibrate_method=method, nodes_to_exclude=exclude,
+            op_types_to_quantize=list(op_types) if op_types else None,
+            extra_options={"CalibMovingAverage": False, "ActivationSymmetric": symmetric},
         )
     return len(exclude)
 
@@ -172,6 +183,9 @@ def quantize_onnx(
     split: str = "val",
     threads: int = 1,
     measure: bool = True,
+    calibration_method: str = "minmax",
+    activation_type: str = "uint8",
+    op_types: Sequence[str] | None = None,
 ) -> QuantizeReport:
     """Write a quantized copy of ``onnx_path`` to ``out`` and report size, latency and (given ``dataset``) mAP change.
 
@@ -183,11 +197,19 @@ def quantize_onnx(
         keep_decode_float: leave the head's decode tail (DFL, box arithmetic, final concat) in float; on by
             default, since quantizing it erases the class scores (docs/benchmarks/export.md: mAP 0).
         dataset: a data.yaml / COCO json to measure mAP of both files on ``split``.
+        calibration_method: ``minmax`` (default), ``entropy`` or ``percentile`` (onnxruntime's calibrators).
+        activation_type: ``uint8`` (default; U8S8 kernels) or ``int8`` (symmetric; slower on x86).
+        op_types: quantize only these operator types (default: every type onnxruntime can quantize;
+            ``["Conv"]`` leaves SiLU / Concat / Add in float, which is slower: more Q/DQ transitions).
     """
     import onnx
 
     if mode not in MODES:
         raise ConfigError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
+    if calibration_method not in CALIBRATION_METHODS:
+        raise ConfigError(f"unknown calibration method {calibration_method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+    if activation_type not in ACTIVATION_TYPES:
+        raise ConfigError(f"unknown activation type {activation_type!r}; use one of {', '.join(ACTIVATION_TYPES)}")
     src, out = Path(onnx_path), Path(out)
     det = Detector(src)
     if det.metadata.get("precision", "fp32") != "fp32":
@@ -199,7 +221,8 @@ def quantize_onnx(
             frames = calibration_frames(calibration, max_calibration)
             n_frames = len(frames)
             try:
-                excluded = _int8_static(src, tmp_out, frames, det, keep_head_float, per_channel, keep_decode_float)
+                excluded = _int8_static(src, tmp_out, frames, det, keep_head_float, per_channel, keep_decode_float,
+                                        calibration_method, activation_type, op_types)
             except (ConfigError, DataError):
                 raise
             except Exception as exc:
@@ -214,6 +237,9 @@ def quantize_onnx(
         head = "float" if keep_head_float else ("int8, decode float" if keep_decode_float else "int8")
         props.update({"precision": precision, "quantization": mode, "head": head,
                       "calibration_images": str(n_frames)})
+        if mode == "int8-static":
+            props.update({"calibration_method": calibration_method, "activation_type": activation_type,
+                          "weights": "int8 per-channel" if per_channel else "int8 per-tensor"})
         del proto.metadata_props[:]
         for k, v in props.items():
             entry = proto.metadata_props.add()

@@ -75,3 +75,21 @@ def test_bad_quantization_requests(exported, tmp_path):
     with pytest.raises(ConfigError, match="unknown quantization mode"):
         quantize_onnx(result.path, tmp_path / "q.onnx", calibration=[], mode="int4")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_quantization_knobs_reach_the_graph_and_its_metadata(exported, tmp_path):
+    _, result = exported
+    frames = generated_frames()
+    default = quantize_onnx(result.path, tmp_path / "d.onnx", calibration=frames, measure=False)
+    knobs = quantize_onnx(result.path, tmp_path / "k.onnx", calibration=frames, measure=False, per_channel=False,
+                          calibration_method="entropy", op_types=["Conv"])
+    count = lambda path: sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)  # noqa: E731
+    assert 0 < count(knobs.path) < count(default.path)  # SiLU / Concat / Add left in float: fewer quantized tensors
+    meta = {p.key: p.value for p in onnx.load(knobs.path).metadata_props}
+    assert meta["weights"] == "int8 per-tensor" and meta["calibration_method"] == "entropy"
+    assert meta["activation_type"] == "uint8"
+    assert {p.key: p.value for p in onnx.load(default.path).metadata_props}["weights"] == "int8 per-channel"
+    with pytest.raises(ConfigError, match="unknown calibration method"):
+        quantize_onnx(result.path, tmp_path / "q.onnx", calibration=frames, calibration_method="kl")
+    with pytest.raises(ConfigError, match="unknown activation type"):
+        quantize_onnx(result.path, tmp_path / "q.onnx", calibration=frames, activation_type="int4")

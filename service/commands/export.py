@@ -37,6 +37,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
     parser.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ), needs --calib")
     parser.add_argument("--calib", default=None, help="calibration frames: data.yaml, COCO json or image folder")
     parser.add_argument("--calib-frames", type=int, default=64, help="with --int8: calibration frames to use (default 64)")
+    parser.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                        help="with --int8: how activation ranges are calibrated (default minmax)")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="with --int8: one scale per weight tensor instead of per output channel")
     parser.add_argument("--float-head", action="store_true",
                         help="with --int8: keep the whole Detect head in float (its decode tail always stays float)")
     parser.add_argument("--data", default=None, help="with --int8 / --half: measure the mAP change on this dataset's val split")
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"parity with PyTorch: {'ok' if result.verification.passed else 'FAILED'} - {result.verification.summary()}")
     if args.int8:
         q = quantize_onnx(float_out, out, calibration=args.calib, keep_head_float=args.float_head,
-                          max_calibration=args.calib_frames, dataset=args.data, threads=args.threads)
+                          max_calibration=args.calib_frames, dataset=args.data, threads=args.threads,
+                          calibration_method=args.calib_method, per_channel=not args.per_tensor)
         report["quantize"] = q.to_dict()
         print(f"int8 -> {out} ({_mb(q.size_bytes)}, {q.size_ratio:.2f}x the fp32 size, "
               f"{q.calibration_images} calibration frames, head {'float' if args.float_head else 'int8, decode float'})")
