@@ -20,7 +20,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, List
 
 from models.errors import NotFoundError
 
@@ -289,7 +289,7 @@ class JobStore:
             )
         return self.get(job_id)
 
-    def mark_interrupted(self, worker_pid: int | None = None, reason: str = "the service stopped") -> list[str]:
+    def mark_interrupted(self, worker_pid: int | None = None, reason: str = "the service stopped") -> List[str]:
         """Mark running jobs (all, or those of one worker) as interrupted; returns their ids."""
         query, args = "SELECT id FROM jobs WHERE state = 'running'", []
         if worker_pid is not None:

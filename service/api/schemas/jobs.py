@@ -10,7 +10,7 @@ from service.registry import check_model_id
 from training.config import TrainConfig
 from training.settings import BOUNDS, MAX_MAPPING_KEYS
 
-JOB_EXAMPLE = {
+JOB_EXAMPLE: dict[str, Any] = {
     "dataset": "kitchen/data.yaml",
     "base_model": "glasses-base-yolo11n",
     "peft": "lora",
@@ -93,7 +93,7 @@ class JobCreate(BaseModel):
         default_factory=dict, max_length=len(BOUNDS),
         description="further TrainConfig fields (workers, warmup_fraction, ...), each checked against its bounds",
     )
-    export: ExportOptions = Field(default_factory=ExportOptions)
+    export: ExportOptions = Field(default_factory=lambda: ExportOptions.model_validate({}))
     model_id: str | None = Field(None, description="id to register the exported model under (default: the job id)")
 
     @field_validator("model_id")

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-_EXAMPLE = {
+_EXAMPLE: dict[str, Any] = {
     "id": "glasses-base-yolo11n",
     "size_bytes": 10631712,
     "sha256": "3f1c...",
