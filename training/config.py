@@ -227,6 +227,8 @@ class TrainConfig:
         if not isinstance(self.peft_settings, Mapping) or not isinstance(self.optimizer_settings, Mapping):
             raise ConfigError("peft_settings and optimizer_settings must be mappings of keyword settings")
         self.augment_config()
+        if self.full_fine_tuning:
+            self.full_fine_tuning_parts()
         if not 0 <= self.replay_fraction < 1:
             raise ConfigError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
         if self.replay_fraction > 0 and not self.replay:
@@ -245,6 +247,18 @@ class TrainConfig:
     def full_fine_tuning(self) -> bool:
         """True when every weight trains (``peft`` is ``none`` or ``full``): no adapter to save."""
         return self.peft in FULL_FINE_TUNING
+
+    def full_fine_tuning_parts(self) -> tuple[str, ...]:
+        """The parts that train in full fine-tuning: ``peft_settings: {targets: [head]}`` limits them (all by default)."""
+        unknown = sorted(set(self.peft_settings) - {"targets"})
+        if unknown:
+            raise ConfigError(f"full fine-tuning takes only peft_settings.targets (parts to train), got {unknown}")
+        targets = self.peft_settings.get("targets") or list(PARTS)
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        bad = [t for t in targets if t not in PARTS]
+        if bad:
+            raise ConfigError(f"full fine-tuning targets {bad} unknown; use parts among {', '.join(PARTS)}")
+        return tuple(targets)
 
     def replay_images_per_step(self, world: int = 1) -> int:
         """Images of each optimizer step drawn from the replay set (0 without replay)."""

@@ -397,8 +397,10 @@ def build_model(cfg: TrainConfig, names: list[str]) -> nn.Module:
             model.reset_classes(names)
     model.imgsz = cfg.imgsz
     if cfg.full_fine_tuning:
+        parts = cfg.full_fine_tuning_parts()
         for name, p in model.named_parameters():
-            p.requires_grad_(".dfl." not in name)  # the DFL projection is a fixed decoder (as in ultralytics)
+            # the DFL projection is a fixed decoder (as in ultralytics)
+            p.requires_grad_(".dfl." not in name and model.part_of(name) in parts)
     else:
         from service.layers.peft import apply_peft, peft_config_class
 
@@ -420,15 +422,18 @@ def build_model(cfg: TrainConfig, names: list[str]) -> nn.Module:
 
 
 def trainable_summary(model: nn.Module) -> dict[str, Any]:
-    """Trainable / total parameter counts, overall and per part."""
+    """Trainable / total parameter counts, overall and per part (NF4-quantised base weights count as frozen)."""
+    from service.layers.tuners.nf4 import NF4Weight
+
+    counted = [(name, p.numel(), p.requires_grad) for name, p in model.named_parameters()]
+    counted += [(f"{name}.weight", m.numel, False) for name, m in model.named_modules() if isinstance(m, NF4Weight)]
     total, trainable, per_part = 0, 0, {}
-    for name, p in model.named_parameters():
-        n = p.numel()
+    for name, n, requires_grad in counted:
         total += n
         part = model.part_of(name) if hasattr(model, "part_of") else "model"
         entry = per_part.setdefault(part, {"trainable": 0, "total": 0})
         entry["total"] += n
-        if p.requires_grad:
+        if requires_grad:
             trainable += n
             entry["trainable"] += n
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1), "per_part": per_part}
