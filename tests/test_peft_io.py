@@ -45,7 +45,8 @@ def test_adapter_reloads_bit_identically(apply, tmp_path):
     tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     assert cfg["bn_stats_saved"] == (cfg["bn_stats"] == "update")
     assert any(k.endswith("running_mean") for k in tensors) == cfg["bn_stats_saved"]
-    assert not any("base_layer" in k or ".default." in k for k in tensors)  # canonical names
+    assert all(k.startswith("base_model.model.model.") for k in tensors)  # HF PEFT's key names
+    assert not any(".default." in k or ".kitchen." in k for k in tensors)  # without adapter names
     fresh = make_model()
     quiet(load_adapter, fresh, tmp_path / "a")
     x = torch.rand(1, 3, 64, 64)
@@ -83,7 +84,7 @@ def test_other_rank_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="rank 4 in the file, rank 2 in the model"):
         load_adapter(other, tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    cfg["config"]["rank_pattern"]["model.5.conv"] = 8  # a config that does not match its tensors
+    cfg["glasses_vision"]["config"]["rank_pattern"]["model.5.conv"] = 8  # a config that does not match its tensors
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
     fresh = make_model()
     with pytest.raises(CheckpointError, match="other shapes"):

@@ -50,8 +50,13 @@ class DoraVariant(LoraVariant):
         return layer.lora_magnitude_vector[name].float() / norm
 
     def forward(self, layer: LoRALayer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # ``result + (s - 1) * Wx + s * dW x`` = ``s * (W + dW) x + b``, in HF PEFT's order of float operations
+        # (so an adapter moved between the two libraries gives the same outputs to float rounding).
         scale = layer.channel_view(self.scale(layer, name, layer.base_weight()).to(result.dtype))
-        return scale * (result + layer.lora_output(name, x).to(result.dtype))
+        bias = layer.base_layer.bias
+        base = result if bias is None else result - layer.channel_view(bias).to(result.dtype)
+        lora = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](x))).to(result.dtype)
+        return result + ((scale - 1) * base + scale * lora * layer.scaling[name])
 
     def merge(self, layer: LoRALayer, name: str, weight: torch.Tensor) -> None:
         delta = layer.get_delta_weight(name).to(weight.dtype)

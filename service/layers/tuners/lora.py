@@ -17,6 +17,7 @@ merge and unmerge; a quantised base weight is its own layer class
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import ConfigError
+from models.errors import CheckpointError, ConfigError
 from service.layers.tuners.base import (
     BaseTunerLayer,
     TunerConfig,
@@ -123,6 +124,75 @@ class LoRAConfig(TunerConfig):
         out.targets, out.exclude, out.max_share, out.rank_ratio = None, (), None, None
         return out
 
+    #: the ``peft_type`` HF PEFT knows this method by (its adapter files are then HF PEFT files)
+    hf_peft_type = "LORA"
+
+    @classmethod
+    def hf_peft_fields(cls, settings: dict[str, Any], modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """HF PEFT ``LoraConfig`` fields for an adapter with recorded ``settings`` and per-module facts.
+
+        Every module is listed in ``rank_pattern`` / ``alpha_pattern`` with its name
+        escaped as a regex and longer names first, so HF PEFT's first-match suffix rule
+        picks exactly the module's own entry.
+        """
+        order = sorted(modules, key=lambda n: (-n.count("."), n))
+        rank = int(settings.get("rank") or 8)
+        alpha = settings.get("alpha")
+        return {
+            "peft_type": cls.hf_peft_type, "task_type": None, "r": rank,
+            "lora_alpha": float(alpha if alpha is not None else rank),
+            "target_modules": sorted(modules),
+            "rank_pattern": {re.escape(n): int(modules[n]["rank"]) for n in order},
+            "alpha_pattern": {re.escape(n): float(modules[n]["alpha"]) for n in order},
+            "use_rslora": bool(settings.get("use_rslora", False)),
+            "use_dora": any(bool(m.get("use_dora")) for m in modules.values()),
+            "lora_dropout": float(settings.get("dropout") or 0.0),
+            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        }
+
+
+#: HF PEFT LoraConfig options that change what a LoRA adapter is; files using them are refused.
+HF_UNSUPPORTED = {"fan_in_fan_out": False, "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
+                  "lora_bias": False, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+                  "use_bdlora": None, "alora_invocation_tokens": None}
+
+
+def hf_pattern_key(patterns: Sequence[str], name: str) -> str | None:
+    """The first key of an HF PEFT ``rank_pattern`` / ``alpha_pattern`` that selects module ``name``
+    (HF PEFT's rule: the key, as a regex, matches a dotted suffix of the name)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def config_from_hf_peft(fields: dict[str, Any], ranks: dict[str, int]) -> "LoRAConfig":
+    """The LoRA / DoRA config of an adapter HF PEFT saved, given each adapted module's rank (from its tensors)."""
+    if fields.get("peft_type") != "LORA":
+        raise CheckpointError(f"HF PEFT adapters of type {fields.get('peft_type')!r} are not supported; LoRA and DoRA are")
+    odd = {k: fields[k] for k, default in HF_UNSUPPORTED.items() if fields.get(k, default) not in (default, [], {})}
+    if odd:
+        raise CheckpointError(f"HF PEFT LoRA options {odd} are not supported here")
+    if not ranks:
+        raise CheckpointError("the HF PEFT adapter holds no lora_A / lora_B tensors")
+    rank_pattern, alpha_pattern = fields.get("rank_pattern") or {}, fields.get("alpha_pattern") or {}
+    r, lora_alpha = int(fields.get("r", 8)), float(fields.get("lora_alpha", 8))
+    for name, rank in ranks.items():
+        key = hf_pattern_key(rank_pattern, name)
+        want = int(rank_pattern[key]) if key is not None else r
+        if want != rank:
+            raise CheckpointError(f"{name}: rank {want} in the HF PEFT config, rank {rank} in its tensors")
+    alphas = {}
+    for name in ranks:
+        key = hf_pattern_key(alpha_pattern, name)
+        alphas[name] = float(alpha_pattern[key]) if key is not None else lora_alpha
+    if fields.get("use_dora"):
+        from service.layers.tuners.dora import DoRAConfig as cls
+    else:
+        cls = LoRAConfig
+    return cls(rank=r, alpha=lora_alpha, max_share=None, dropout=float(fields.get("lora_dropout") or 0.0),
+               use_rslora=bool(fields.get("use_rslora", False)), rank_pattern=dict(ranks), alpha_pattern=alphas)
+
 
 def _refuse_grouped(name: str, module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d) and module.groups != 1:
@@ -143,15 +213,17 @@ def adapter_share(module: nn.Module, r: int) -> float:
 
 
 def weight_norm(weight: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each output channel's weights (DoRA's column norm)."""
-    return weight.reshape(weight.shape[0], -1).norm(dim=1)
+    """L2 norm of each output channel's weights (DoRA's column norm), computed as HF PEFT does."""
+    if weight.dim() > 2:
+        return weight.norm(p=2, dim=tuple(range(1, weight.dim())))
+    return torch.linalg.norm(weight, dim=1)
 
 
 class LoraVariant:
     """How one adapter differs from plain LoRA (HF PEFT's ``LoraVariant``); one instance per adapter.
 
-    ``forward`` receives the base output *without* bias (variants run before plain
-    adapters, and the layer adds the bias last).
+    ``forward`` receives the base layer's output (bias included) before any plain
+    LoRA adapter is added, and returns it with the variant's adapter applied.
     """
 
     #: at most this many adapters of the variant may be active in one layer (None: no limit)
@@ -214,11 +286,9 @@ class LoRALayer(BaseTunerLayer):
         """The base weight in float."""
         return self.base_layer.weight
 
-    def base_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
-        """The base layer's output, optionally without its bias."""
-        if bias:
-            return self.base_layer(x)
-        return self._apply_weight(x, self.base_weight(), None)
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output."""
+        return self.base_layer(x)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.is_conv:
@@ -291,19 +361,13 @@ class LoRALayer(BaseTunerLayer):
             same = [a for a in varied if type(self.lora_variant[a]) is kind]
             if kind.max_active is not None and len(same) > kind.max_active:
                 raise ConfigError(f"only {kind.max_active} {kind.__name__} adapter(s) can be active at a time, got {same}")
-        if not varied:
-            result = self.base_forward(x)
-            for name in active:
-                result = result + self.lora_output(name, x).to(result.dtype)
-            return result
-        result = self.base_forward(x, bias=False)
-        for name in varied:  # variants first, as merge does; the bias goes on last
+        result = self.base_forward(x)
+        for name in varied:  # variants first, as merge does
             result = self.lora_variant[name].forward(self, name, x, result)
         for name in active:
             if name not in self.lora_variant:
                 result = result + self.lora_output(name, x).to(result.dtype)
-        bias = self.base_layer.bias
-        return result if bias is None else result + self.channel_view(bias).to(result.dtype)
+        return result
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()

@@ -74,10 +74,10 @@ class QLoRALayer(LoRALayer):
         """The base weight in float (dequantised while not merged)."""
         return self.base_layer.weight if self._has_float_weight() else self.nf4.dequantize()
 
-    def base_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._has_float_weight():
-            return super().base_forward(x, bias)
-        return self._apply_weight(x, self.nf4.dequantize(), self.base_layer.bias if bias else None)
+            return super().base_forward(x)
+        return self._apply_weight(x, self.nf4.dequantize(), self.base_layer.bias)
 
     def _ensure_weight_param(self) -> None:
         if not self._has_float_weight():
