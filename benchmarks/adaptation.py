@@ -227,8 +227,8 @@ def run_unmergeable(setup: Setup, values: dict[str, Any], data: dict[str, Path],
             if step >= cfg.max_steps:
                 break
             model.train()
-            parts = recipe.train_step(model, model, criterion, batches, cfg, device, recipe.nullcontext,
-                                      recipe.DistInfo(), step)
+            parts = recipe.train_step(model, criterion, batches, accumulate=1, device=device,
+                                      autocast=recipe.nullcontext, dist_info=recipe.DistInfo())
             recipe.clip_gradients(model, cfg)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

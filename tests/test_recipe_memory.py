@@ -68,10 +68,8 @@ def test_accumulated_micro_batches_equal_one_larger_batch():
     micro = _batch(2, 96, seed=1, per_image=12)
     big = {k: torch.cat([micro[k], micro[k] + (2 if k == "batch_idx" else 0)]) for k in micro}
 
-    class Cfg:
-        accumulate = 2
-
-    parts = train_step(model, model, crit, iter([micro, micro]), Cfg, torch.device("cpu"), nullcontext, DistInfo(), 0)
+    parts = train_step(model, crit, iter([micro, micro]), accumulate=2, device=torch.device("cpu"), autocast=nullcontext,
+                       dist_info=DistInfo())
     acc = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     loss, _ = micro_batch_loss(model, crit, big, torch.device("cpu"), nullcontext)

@@ -31,9 +31,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.errors import ConfigError, DataError, GlassesVisionError
+from tqdm import tqdm
+
+from models.errors import CheckpointError, ConfigError, DataError, GlassesVisionError
 from models.io import atomic_write_json, atomic_write_text
+from training.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
+from training.data import build_dataset, collate
+from training.evaluate import evaluate
+from training.memory import MemoryReport, measure_memory, optimizer_state_bytes
 
 EventFn = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
@@ -66,6 +72,42 @@ class TrainResult:
     adapter_dir: Path | None = None
     merged_dir: Path | None = None
     best_dir: Path | None = None
+
+
+@dataclass
+class RunState:
+    """Where the loop stands; with the components' own state dicts, what a checkpoint brings back."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    best_map50_95: float | None = None
+    last_checkpoint_step: int | None = None
+
+
+@dataclass
+class Run:
+    """Everything one training run works with, built once at the top of :func:`train`."""
+
+    cfg: TrainConfig
+    dist: "DistInfo"
+    device: torch.device
+    run_dir: Path
+    model: nn.Module
+    ddp: nn.Module  # the model, or its DistributedDataParallel wrapper
+    criterion: Any
+    autocast: Callable[[], Any]
+    optimizer: Any
+    scheduler: Any
+    ema: Any
+    log: "MetricsLog"
+    emit: EventFn
+    state: RunState = field(default_factory=RunState)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and shipped: the EMA when there is one."""
+        return self.ema.ema if self.ema is not None else self.model
 
 
 def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: StopFn | None = None) -> TrainResult:
@@ -105,100 +147,92 @@ def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: Sto
     # 3. memory pre-flight: one real micro-batch, exact bytes, before any weight changes
     memory = preflight_memory(model, criterion, train_ds, cfg, device, autocast)
 
-    # 4. optimizer, schedule, EMA; DDP wrapper
+    # 4. optimizer, schedule, EMA; DDP wrapper; the run's state in one place
     optimizer = build_optimizer_for(cfg, model)
-    scheduler = build_scheduler_for(cfg, optimizer, total_steps)
-    ema = build_ema(cfg, model)
-    ddp = wrap_distributed(model, device, dist_info)
+    run = Run(cfg=cfg, dist=dist_info, device=device, run_dir=run_dir, model=model,
+              ddp=wrap_distributed(model, device, dist_info), criterion=criterion, autocast=autocast,
+              optimizer=optimizer, scheduler=build_scheduler_for(cfg, optimizer, total_steps),
+              ema=build_ema(cfg, model), log=MetricsLog(run_dir / "metrics.jsonl", enabled=dist_info.is_main), emit=emit)
 
     # 5. resume or start fresh
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "best_map50_95": None}
     if cfg.resume:
-        state = restore(cfg.resume, model, optimizer, scheduler, ema, device)
+        restore(run, cfg.resume)
+    state = run.state
     if dist_info.is_main:
-        prepare_run_dir(run_dir, cfg, keep_until_step=state["step"] if cfg.resume else None)
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=dist_info.is_main)
-    emit({"event": "start", "run_dir": str(run_dir), "total_steps": total_steps, "step": state["step"],
+        prepare_run_dir(run_dir, cfg, keep_until_step=state.step if cfg.resume else None)
+    emit({"event": "start", "run_dir": str(run_dir), "total_steps": total_steps, "step": state.step,
           "trainable": trainable, "world_size": dist_info.world})
 
     # 6. the loop
-    from tqdm import tqdm
-
     losses: list[float] = []
     status = "completed"
-    step, metrics = state["step"], {}
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=cfg.quiet or not dist_info.is_main,
-               dynamic_ncols=True)
-    last_ckpt_step = step if cfg.resume else None
+    metrics: dict[str, Any] = {}
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
+               disable=cfg.quiet or not dist_info.is_main, dynamic_ncols=True)
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-    for epoch in range(state["epoch"], n_epochs):
-        start_in_epoch = state["epoch_step"] if epoch == state["epoch"] else 0
-        loader = build_loader(train_ds, cfg, dist_info, epoch, start_in_epoch, steps_per_epoch, replay_ds)
-        batches = iter(loader)
+    for epoch in range(state.epoch, n_epochs):
+        start_in_epoch = state.epoch_step if epoch == state.epoch else 0
+        batches = iter(build_loader(train_ds, cfg, dist_info, epoch, start_in_epoch, steps_per_epoch, replay_ds))
         for epoch_step in range(start_in_epoch, steps_per_epoch):
-            if step >= total_steps:
+            if state.step >= total_steps:
                 break
             model.train()
-            parts = train_step(ddp, model, criterion, batches, cfg, device, autocast, dist_info, step)
+            parts = train_step(run.ddp, criterion, batches, accumulate=cfg.accumulate, device=device,
+                               autocast=autocast, dist_info=dist_info)
             if not parts["finite"]:
-                _raise_non_finite(parts, step, epoch, run_dir, last_ckpt_step, log, emit, dist_info)
+                _raise_non_finite(run, parts, epoch)
             grad_norm = clip_gradients(model, cfg)
             if grad_norm is not None and not math.isfinite(grad_norm):
-                parts["what"] = f"gradient norm {grad_norm}"
-                _raise_non_finite(parts, step, epoch, run_dir, last_ckpt_step, log, emit, dist_info)
+                _raise_non_finite(run, {**parts, "what": f"gradient norm {grad_norm}"}, epoch)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            step += 1
+            run.scheduler.step()
+            if run.ema is not None:
+                run.ema.update(model)
+            state.step += 1
+            state.epoch, state.epoch_step = (epoch + 1, 0) if epoch_step + 1 == steps_per_epoch else (epoch, epoch_step + 1)
             losses.append(parts["loss"])
-            if step == 1 or memory.get("optimizer_state") is None:
+            if memory.get("optimizer_state") is None:  # the optimizer's state exists after its first step
                 memory = finish_memory_report(memory, optimizer, run_dir, dist_info)
             bar.update(1)
             bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1)
-            record = {"kind": "train", "step": step, "epoch": epoch + 1, "loss": parts["loss"], **parts["items"], "lr": lr,
-                      "grad_norm": grad_norm, "time_s": round(time.perf_counter() - started, 3)}
-            if step % cfg.log_every == 0 or step == total_steps:
-                log.write(record)
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                record = {"kind": "train", "step": state.step, "epoch": epoch + 1, "loss": parts["loss"],
+                          **parts["items"], "lr": lr, "grad_norm": grad_norm,
+                          "time_s": round(time.perf_counter() - started, 3)}
+                run.log.write(record)
                 emit({"event": "step", **record, "total_steps": total_steps})
-            position = {"epoch": epoch, "epoch_step": epoch_step + 1}
-            if epoch_step + 1 == steps_per_epoch:
-                position = {"epoch": epoch + 1, "epoch_step": 0}
-            end_of_epoch = epoch_step + 1 == steps_per_epoch
-            if end_of_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and step < total_steps:
-                metrics = run_eval(model, ema, val_ds, cfg, step, epoch, run_dir, state, log, emit, dist_info)
-            stop_now = bool(should_stop()) if dist_info.is_main else False
-            stop_now = broadcast_flag(stop_now, dist_info)
-            if (cfg.save_every and step % cfg.save_every == 0) or end_of_epoch or stop_now or step == total_steps:
-                save_training_state(run_dir, step, position, state, model, optimizer, scheduler, ema, dist_info)
-                last_ckpt_step = step
-                emit({"event": "checkpoint", "step": step})
+            end_of_epoch = state.epoch_step == 0
+            if end_of_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and state.step < total_steps:
+                metrics = run_eval(run, val_ds, epoch)
+            stop_now = broadcast_flag(bool(should_stop()) if dist_info.is_main else False, dist_info)
+            if (cfg.save_every and state.step % cfg.save_every == 0) or end_of_epoch or stop_now \
+                    or state.step == total_steps:
+                save_training_state(run)
             if stop_now:
                 status = "stopped"
                 break
-        if status == "stopped" or step >= total_steps:
+        if status == "stopped" or state.step >= total_steps:
             break
     bar.close()
 
     # 7. outputs: final evaluation, adapter, merged weights, plots, summary
-    result = TrainResult(run_dir=run_dir, status=status, steps=step, total_steps=total_steps, losses=losses,
-                         memory=memory, trainable=trainable, best_map50_95=state["best_map50_95"])
+    result = TrainResult(run_dir=run_dir, status=status, steps=state.step, total_steps=total_steps, losses=losses,
+                         memory=memory, trainable=trainable, best_map50_95=state.best_map50_95)
     if status == "completed":
-        if not metrics or metrics.get("step") != step:
-            metrics = run_eval(model, ema, val_ds, cfg, step, n_epochs - 1, run_dir, state, log, emit, dist_info,
-                               final=True)
-        result.metrics, result.best_map50_95 = metrics, state["best_map50_95"]
+        if not metrics or metrics.get("step") != state.step:
+            metrics = run_eval(run, val_ds, n_epochs - 1, final=True)
+        result.metrics, result.best_map50_95 = metrics, state.best_map50_95
         if dist_info.is_main:
-            result.adapter_dir, result.merged_dir = write_final_weights(cfg, model, ema, run_dir)
+            result.adapter_dir, result.merged_dir = write_final_weights(cfg, run.eval_model, run_dir)
             result.best_dir = run_dir / "best" if (run_dir / "best").is_dir() else None
     result.wall_time_s = time.perf_counter() - started
     if dist_info.is_main:
         write_summary(run_dir, cfg, result, dist_info)
         plot_curves(run_dir)
     barrier(dist_info)
-    emit({"event": "end", "status": status, "step": step, "metrics": result.metrics, "run_dir": str(run_dir)})
+    emit({"event": "end", "status": status, "step": state.step, "metrics": result.metrics, "run_dir": str(run_dir)})
     return result
 
 
@@ -269,8 +303,6 @@ def resolve_resume_config(config: TrainConfig) -> TrainConfig:
     """``resume`` alone (no dataset): take every setting from the run's ``config.yaml``."""
     if not config.resume or config.data:
         return config
-    from training.checkpoint import find_checkpoint
-
     ckpt = find_checkpoint(config.resume)
     run_dir = ckpt.parent.parent
     saved = run_dir / "config.yaml"
@@ -281,8 +313,6 @@ def resolve_resume_config(config: TrainConfig) -> TrainConfig:
 
 # ---------------------------------------------------------------------------- data
 def build_datasets(cfg: TrainConfig):
-    from training.data import build_dataset
-
     path = Path(cfg.data)
     if not path.exists():
         raise ConfigError(f"dataset {cfg.data} does not exist; pass a YOLO data.yaml or a COCO json (--data)")
@@ -349,8 +379,6 @@ def build_replay_dataset(cfg: TrainConfig, train_ds):
     """The source-domain train split mixed into every step (``replay``), or None."""
     if not cfg.replay or cfg.replay_fraction <= 0:
         return None
-    from training.data import build_dataset
-
     if not Path(cfg.replay).exists():
         raise ConfigError(f"replay dataset {cfg.replay} does not exist; pass the source domain's data.yaml (--replay)")
     replay_ds = build_dataset(str(cfg.replay), split="train", imgsz=cfg.imgsz, augment=cfg.augment_config() or False)
@@ -363,8 +391,6 @@ def build_replay_dataset(cfg: TrainConfig, train_ds):
 
 
 def build_loader(ds, cfg: TrainConfig, info: DistInfo, epoch: int, start_step: int, steps: int, replay_ds=None):
-    from training.data import collate
-
     replay_n = len(replay_ds) if replay_ds is not None else 0
     sampler = GlobalBatchSampler(len(ds), cfg.batch, cfg.accumulate, info.rank, info.world, cfg.seed, epoch,
                                  start_step, steps, replay_n=replay_n,
@@ -466,22 +492,22 @@ def micro_batch_loss(model: nn.Module, criterion, batch: dict[str, Any], device:
     return loss.sum() / imgs.shape[0], items
 
 
-def train_step(ddp, model, criterion, batches, cfg: TrainConfig, device, autocast, info: DistInfo, step: int) -> dict:
+def train_step(ddp, criterion, batches, *, accumulate: int, device: torch.device, autocast, dist_info: DistInfo) -> dict:
     """Forward + backward over ``accumulate`` micro-batches; gradients are their mean (and the mean over processes)."""
     total = torch.zeros(4)
-    for m in range(cfg.accumulate):
+    for m in range(accumulate):
         batch = next(batches)
-        sync = m == cfg.accumulate - 1 or info.world == 1
+        sync = m == accumulate - 1 or dist_info.world == 1
         with (ddp.no_sync() if not sync and hasattr(ddp, "no_sync") else nullcontext()):
             loss, items = micro_batch_loss(ddp, criterion, batch, device, autocast)
             finite = torch.isfinite(loss.detach()).float().cpu()
-            if info.world > 1:
+            if dist_info.world > 1:
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if finite.item() < 1:
                 return {"finite": False, "what": f"loss {loss.item()}", "loss": float("nan")}
-            (loss / cfg.accumulate).backward()
-        total += torch.cat([loss.detach().cpu().view(1), items_to_tensor(items)]) / cfg.accumulate
-    total = all_reduce_mean(total, info)
+            (loss / accumulate).backward()
+        total += torch.cat([loss.detach().cpu().view(1), items_to_tensor(items)]) / accumulate
+    total = all_reduce_mean(total, dist_info)
     return {"finite": True, "loss": float(total[0]),
             "items": {"box_loss": float(total[1]), "cls_loss": float(total[2]), "dfl_loss": float(total[3])}}
 
@@ -501,17 +527,18 @@ def clip_gradients(model: nn.Module, cfg: TrainConfig) -> float | None:
     return float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
 
 
-def _raise_non_finite(parts, step, epoch, run_dir, last_ckpt_step, log, emit, info) -> None:
+def _raise_non_finite(run: Run, parts: dict, epoch: int) -> None:
+    step, last = run.state.step, run.state.last_checkpoint_step
     where = f"step {step + 1} (epoch {epoch + 1})"
-    kept = (f"the last good checkpoint is {run_dir / 'checkpoints' / 'last'} (step {last_ckpt_step}); resume from it "
-            f"with --resume {run_dir}" if last_ckpt_step is not None else "no checkpoint had been written yet")
+    kept = (f"the last good checkpoint is {run.run_dir / 'checkpoints' / 'last'} (step {last}); resume from it "
+            f"with --resume {run.run_dir}" if last is not None else "no checkpoint had been written yet")
     message = (f"training stopped: {parts.get('what', 'loss')} is not finite at {where}; {kept}. "
                "Lower lr, keep grad_clip on, or use amp: none")
-    log.write({"kind": "error", "step": step + 1, "epoch": epoch + 1, "error": message})
-    emit({"event": "error", "step": step + 1, "error": message})
-    if info.is_main:
-        atomic_write_json(run_dir / "summary.json", {"status": "diverged", "step": step + 1, "error": message,
-                                                     "last_checkpoint_step": last_ckpt_step})
+    run.log.write({"kind": "error", "step": step + 1, "epoch": epoch + 1, "error": message})
+    run.emit({"event": "error", "step": step + 1, "error": message})
+    if run.dist.is_main:
+        atomic_write_json(run.run_dir / "summary.json", {"status": "diverged", "step": step + 1, "error": message,
+                                                         "last_checkpoint_step": last})
     raise NonFiniteLossError(message, step=step + 1)
 
 
@@ -521,10 +548,6 @@ def preflight_memory(model, criterion, train_ds, cfg: TrainConfig, device, autoc
 
     Weights, BatchNorm statistics and RNG states are left as they were.
     """
-    from training.checkpoint import rng_state, set_rng_state
-    from training.data import collate
-    from training.memory import measure_memory
-
     rng = rng_state()
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     model.train()
@@ -561,8 +584,6 @@ def preflight_memory(model, criterion, train_ds, cfg: TrainConfig, device, autoc
 
 def finish_memory_report(memory: dict[str, Any], optimizer, run_dir: Path, info: DistInfo) -> dict[str, Any]:
     """Add the optimizer state (exists after the first step) and write ``memory.txt``."""
-    from training.memory import MemoryReport, optimizer_state_bytes
-
     keys = {k for k, _ in MemoryReport.COMPONENTS} | {"cuda_max_allocated"}
     report = MemoryReport(**{k: v for k, v in memory.items() if k in keys and v is not None})
     report.optimizer_state = optimizer_state_bytes(optimizer)
@@ -598,65 +619,57 @@ def build_ema(cfg: TrainConfig, model: nn.Module):
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def save_training_state(run_dir, step, position, state, model, optimizer, scheduler, ema, info: DistInfo) -> None:
+def save_training_state(run: Run) -> None:
     """Rank 0 writes ``checkpoints/last`` (atomic); the others wait."""
-    if info.is_main:
-        from training.checkpoint import rng_state, save_checkpoint
-
+    state = run.state
+    if run.dist.is_main:
         train_state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "ema": ({"state": ema.ema.state_dict(), "updates": ema.updates} if ema is not None else None),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "ema": ({"state": run.ema.ema.state_dict(), "updates": run.ema.updates} if run.ema is not None else None),
             "rng": rng_state(),
         }
-        info_json = {**position, "best_map50_95": state["best_map50_95"], "world_size": info.world}
-        save_checkpoint(run_dir / "checkpoints", step, model.state_dict(), train_state, info_json)
-    barrier(info)
+        info_json = {"epoch": state.epoch, "epoch_step": state.epoch_step, "best_map50_95": state.best_map50_95,
+                     "world_size": run.dist.world}
+        save_checkpoint(run.run_dir / "checkpoints", state.step, run.model.state_dict(), train_state, info_json)
+    barrier(run.dist)
+    state.last_checkpoint_step = state.step
+    run.emit({"event": "checkpoint", "step": state.step})
 
 
-def restore(path, model, optimizer, scheduler, ema, device) -> dict[str, Any]:
-    """Load a training checkpoint into the components; returns the loop position."""
-    from models.errors import CheckpointError
-    from training.checkpoint import load_checkpoint, set_rng_state
-
-    model_state, train_state, info = load_checkpoint(path, map_location=device)
+def restore(run: Run, path) -> None:
+    """Load a training checkpoint into the run's components and state."""
+    model_state, train_state, info = load_checkpoint(path, map_location=run.device)
     try:
-        model.load_state_dict(model_state, strict=True)
-        optimizer.load_state_dict(train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
+        run.model.load_state_dict(model_state, strict=True)
+        run.optimizer.load_state_dict(train_state["optimizer"])
+        run.scheduler.load_state_dict(train_state["scheduler"])
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} does not match this run's model / optimizer settings: {exc}") from exc
-    if ema is not None and train_state.get("ema"):
-        ema.ema.load_state_dict(train_state["ema"]["state"])
-        ema.updates = int(train_state["ema"]["updates"])
+    if run.ema is not None and train_state.get("ema"):
+        run.ema.ema.load_state_dict(train_state["ema"]["state"])
+        run.ema.updates = int(train_state["ema"]["updates"])
     set_rng_state(train_state["rng"])
-    return {"step": int(info["step"]), "epoch": int(info["epoch"]), "epoch_step": int(info["epoch_step"]),
-            "best_map50_95": info.get("best_map50_95")}
+    run.state = RunState(step=int(info["step"]), epoch=int(info["epoch"]), epoch_step=int(info["epoch_step"]),
+                         best_map50_95=info.get("best_map50_95"), last_checkpoint_step=int(info["step"]))
 
 
 # ---------------------------------------------------------------------------- evaluation and outputs
-def eval_model(model: nn.Module, ema) -> nn.Module:
-    return ema.ema if ema is not None else model
-
-
-def run_eval(model, ema, val_ds, cfg, step, epoch, run_dir, state, log, emit, info: DistInfo,
-             final: bool = False) -> dict[str, Any]:
+def run_eval(run: Run, val_ds, epoch: int, final: bool = False) -> dict[str, Any]:
     """Rank 0 evaluates on the val split, logs it and refreshes ``best/``; others wait."""
     metrics: dict[str, Any] = {}
-    if info.is_main:
-        from training.evaluate import evaluate
-
-        net = eval_model(model, ema)
-        plot = run_dir / "pr_curve.png" if final else None  # plotting costs seconds: only the final evaluation
-        metrics = evaluate(net, val_ds, batch=cfg.eval_batch, plot_path=plot, quiet=cfg.quiet)
-        metrics = {"kind": "eval", "step": step, "epoch": epoch + 1, **metrics}
-        log.write(metrics)
-        emit({"event": "eval", **metrics})
-        best = state["best_map50_95"]
+    if run.dist.is_main:
+        net = run.eval_model
+        plot = run.run_dir / "pr_curve.png" if final else None  # plotting costs seconds: only the final evaluation
+        metrics = evaluate(net, val_ds, batch=run.cfg.eval_batch, plot_path=plot, quiet=run.cfg.quiet)
+        metrics = {"kind": "eval", "step": run.state.step, "epoch": epoch + 1, **metrics}
+        run.log.write(metrics)
+        run.emit({"event": "eval", **metrics})
+        best = run.state.best_map50_95
         if best is None or metrics["map50_95"] > best:
-            state["best_map50_95"] = metrics["map50_95"]
-            merged_copy(net).save(run_dir / "best")
-    barrier(info)
+            run.state.best_map50_95 = metrics["map50_95"]
+            merged_copy(net).save(run.run_dir / "best")
+    barrier(run.dist)
     return metrics
 
 
@@ -671,8 +684,8 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return net.eval()
 
 
-def write_final_weights(cfg: TrainConfig, model, ema, run_dir: Path) -> tuple[Path | None, Path]:
-    net = eval_model(model, ema)
+def write_final_weights(cfg: TrainConfig, net: nn.Module, run_dir: Path) -> tuple[Path | None, Path]:
+    """``adapter/`` (PEFT runs) and ``merged/`` (plain weights for export) of the shipped weights ``net``."""
     adapter_dir = None
     if not cfg.full_fine_tuning:
         from service.layers.peft import save_adapter
@@ -686,8 +699,6 @@ def write_final_weights(cfg: TrainConfig, model, ema, run_dir: Path) -> tuple[Pa
 
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig, keep_until_step: int | None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    import dataclasses
-
     saved = dataclasses.replace(cfg, resume=None)
     atomic_write_text(run_dir / "config.yaml", saved.to_yaml(f"glasses-vision train --config {run_dir / 'config.yaml'}"))
     metrics = run_dir / "metrics.jsonl"
