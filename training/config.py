@@ -290,24 +290,18 @@ class TrainConfig:
         if key not in list_optimizers():
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(list_optimizers())}")
         if not self.full_fine_tuning:
-            methods = _peft_methods()
-            if methods is not None and self.peft not in methods:
+            from service.layers.peft import is_mergeable, list_peft_methods
+
+            methods = list(list_peft_methods())
+            if self.peft not in methods:
                 raise ConfigError(f"unknown PEFT method {self.peft!r}; known: none, {', '.join(methods)}")
-            if self.peft == "adapters":
-                # A run ends with merged/ (plain weights for export); bottleneck adapters sit after an
-                # activation and cannot be folded into the convolutions, so the recipe cannot finish.
+            if not is_mergeable(self.peft):
+                # A run ends with merged/ (plain weights for export); this method's layers cannot be folded into
+                # the convolutions (bottleneck adapters sit after an activation), so the recipe cannot finish.
                 raise ConfigError(
-                    "peft='adapters' cannot be merged into plain weights, and every run ends with a merged model "
-                    "for export; use lora, dora, bitfit or qlora (apply_adapters stays available from Python)"
+                    f"peft={self.peft!r} cannot be merged into plain weights, and every run ends with a merged model "
+                    "for export; use lora, dora, bitfit or qlora (its apply function stays available from Python)"
                 )
-
-
-def _peft_methods() -> list[str] | None:
-    try:
-        from service.layers.peft import list_peft_methods
-    except ImportError:
-        return None
-    return list(list_peft_methods())
 
 
 def _positive(name: str, value: Any) -> None:

@@ -676,9 +676,9 @@ def run_eval(run: Run, val_ds, epoch: int, final: bool = False) -> dict[str, Any
 def merged_copy(model: nn.Module) -> nn.Module:
     """A plain DetectionModel with any adapters folded into its weights (the model itself is not changed)."""
     net = copy.deepcopy(model)
-    if any(hasattr(m, "base_layer") for m in net.modules()):
-        from service.layers.peft import merge_lora
+    from service.layers.peft import has_peft_layers, merge_lora
 
+    if has_peft_layers(net):
         net = merge_lora(net) or net
     net.checkpoint_layers = set()
     return net.eval()
