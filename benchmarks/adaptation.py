@@ -92,9 +92,6 @@ SETUPS: tuple[Setup, ...] = (
     Setup("lora-coap-ckpt-lr1e-2", "tuning: LoRA + COAP + ckpt at lr 1e-2", {**LORA, **COAP, **CKPT, "lr": 1e-2}),
     Setup("lora-coap-ckpt-mosaic", "tuning: LoRA + COAP + ckpt, mosaic 0.5",
           {**LORA, **COAP, **CKPT, "lr": PEFT_LR, "augment_settings": {"mosaic": 0.5}}),
-    Setup("lora-coap-ckpt-ema", "tuning: LoRA + COAP + ckpt, EMA of the weights",
-          {**LORA, **COAP, **CKPT, "lr": PEFT_LR, "ema": True, "ema_tau": 50.0}),
-    Setup("full-adamw-lr2e-3", "tuning: full FT, AdamW at lr 2e-3", {"lr": 2e-3}),
 )
 
 #: the order runs are made in: the reference rows first, so that a cut-short run still says the most
