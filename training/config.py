@@ -24,9 +24,7 @@ from typing import Any, Mapping
 
 from models.errors import ConfigError
 
-AMP_MODES = ("none", "bf16")
-PARTS = ("backbone", "neck", "head")
-DEVICES = ("auto", "cpu", "cuda")
+from training.settings import PARTS, check_parts, check_settings
 #: ``peft`` values that mean full fine-tuning (every weight trains; no adapter is written).
 FULL_FINE_TUNING = ("none", "full")
 
@@ -145,7 +143,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {', '.join(cls.field_names())}")
         cfg = cls(**dict(values))
-        cfg.grad_checkpoint = _as_parts(cfg.grad_checkpoint)
+        cfg.grad_checkpoint = check_parts(cfg.grad_checkpoint)
         return cfg
 
     @classmethod
@@ -188,49 +186,19 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "TrainConfig":
-        """Check every setting and their combinations; raises ``ConfigError`` saying what to change."""
+        """Check every setting and their combinations; raises ``ConfigError`` saying what to change.
+
+        Types and ranges come from the one bounds table, ``training.settings.BOUNDS`` (the HTTP service checks
+        jobs with the same table, without torch); the checks below are those that combine settings or need
+        the library (optimizer and PEFT names, augmentation fields).
+        """
         if not self.data:
             raise ConfigError("no dataset: set data to a YOLO data.yaml or a COCO json (CLI: --data)")
-        _positive("imgsz", self.imgsz)
-        if self.imgsz % 32:
-            raise ConfigError(f"imgsz={self.imgsz} must be a multiple of 32 (the YOLO stride), e.g. {max(32, round(self.imgsz / 32) * 32)}")
-        _positive("batch", self.batch)
-        _positive("accumulate", self.accumulate)
-        _positive("epochs", self.epochs)
-        _positive("rank", self.rank)
-        _positive("eval_batch", self.eval_batch)
-        _positive("log_every", self.log_every)
-        if self.max_steps is not None:
-            _positive("max_steps", self.max_steps)
-        for name in ("workers", "eval_every", "save_every"):
-            if int(getattr(self, name)) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ConfigError(f"grad_clip must be positive (or None / 0 for no clipping), got {self.grad_clip}")
-        if not 0 < self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"amp={self.amp!r}; use one of {', '.join(AMP_MODES)}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r}; use one of {', '.join(DEVICES)}")
-        self.grad_checkpoint = _as_parts(self.grad_checkpoint)
-        if self.memory_limit_mb is not None and self.memory_limit_mb <= 0:
-            raise ConfigError(f"memory_limit_mb must be positive, got {self.memory_limit_mb}")
-        if not isinstance(self.peft_settings, Mapping) or not isinstance(self.optimizer_settings, Mapping):
-            raise ConfigError("peft_settings and optimizer_settings must be mappings of keyword settings")
+        check_settings(self.to_dict())
+        self.grad_checkpoint = check_parts(self.grad_checkpoint)
         self.augment_config()
         if self.full_fine_tuning:
             self.full_fine_tuning_parts()
-        if not 0 <= self.replay_fraction < 1:
-            raise ConfigError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
         if self.replay_fraction > 0 and not self.replay:
             raise ConfigError("replay_fraction > 0 needs a replay dataset (CLI --replay SOURCE.yaml)")
         if self.replay and self.replay_fraction > 0 and self.replay_images_per_step() == 0:
@@ -302,23 +270,3 @@ class TrainConfig:
                     f"peft={self.peft!r} cannot be merged into plain weights, and every run ends with a merged model "
                     "for export; use lora, dora, bitfit or qlora (its apply function stays available from Python)"
                 )
-
-
-def _positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _as_parts(value: Any) -> list[str]:
-    """``grad_checkpoint`` accepts a list of parts, one comma-separated string, True (backbone + neck) or False."""
-    if value is True:
-        return ["backbone", "neck"]
-    if value in (False, None, "", "none"):
-        return []
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    parts = list(value)
-    bad = [p for p in parts if p not in PARTS]
-    if bad:
-        raise ConfigError(f"grad_checkpoint parts {bad} unknown; use any of {', '.join(PARTS)}")
-    return parts
