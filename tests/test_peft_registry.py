@@ -27,6 +27,7 @@ from service.layers.peft import (
     list_peft_methods,
     load_adapter,
     merge_lora,
+    read_adapter_config,
     register_peft_method,
     save_adapter,
     trainable_report,
@@ -142,3 +143,17 @@ def test_is_peft_layer():
     apply_lora(model, rank=2, targets=["model.5.conv"])
     assert is_peft_layer(model.model[5].conv) and not is_peft_layer(model.model[5].conv.base_layer)
     assert has_peft_layers(model)
+
+
+def test_full_fine_tuning_saves_and_reloads_through_the_adapter_files(tmp_path):
+    model = make_model()
+    apply_peft(model, "full")
+    train_steps(model, steps=1)
+    save_adapter(model, tmp_path / "full")
+    desc = read_adapter_config(tmp_path / "full")
+    assert desc["method"] is None and "full" in desc["methods"] and len(desc["trainable"]) == len(list(model.parameters()))
+    fresh = make_model()
+    load_adapter(fresh, tmp_path / "full")
+    x = torch.rand(1, 3, 128, 128)
+    assert torch.equal(logits(fresh, x), logits(model, x))
+    assert all(p.requires_grad for p in fresh.parameters())

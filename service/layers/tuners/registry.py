@@ -24,6 +24,7 @@ from service.layers.tuners.base import (
     build_config,
     inject_adapter,
     mark_trainable,
+    peft_state,
     refresh_trainable,
     root_model,
 )
@@ -151,6 +152,7 @@ def _apply_full(model: nn.Module, **settings: Any) -> nn.Module:
         raise ConfigError(f"method 'full' takes no settings, got {sorted(settings)}")
     root, _ = root_model(model)
     mark_trainable(root, [n for n, _ in root.named_parameters()], "full")
+    peft_state(root).methods["full"] = {"peft_type": "full"}
     refresh_trainable(root)
     return model
 
