@@ -115,7 +115,7 @@ class ModelRegistry:
             folder = None
         if folder is None or not (folder / META_FILE).is_file():
             known = ", ".join(self.ids()) or "none"
-            raise NotFoundError(f"unknown model {model_id!r}; registered models: {known} (GET /v1/models)")
+            raise NotFoundError(f"unknown model {model_id!r}; registered models: {known}")
         try:
             data = json.loads((folder / META_FILE).read_text())
         except (OSError, json.JSONDecodeError) as exc:

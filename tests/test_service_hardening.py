@@ -474,3 +474,28 @@ def test_12_a_jobs_temporary_files_live_and_die_in_its_folder(home, monkeypatch)
     assert Path(seen["file"]).parent == job_tmp and not job_tmp.exists()
     assert not any(p.name.startswith("torchinductor_probe") for p in set(system_tmp.iterdir()) - before)
     assert tempfile.gettempdir() == str(system_tmp)
+
+
+# ---------------------------------------------------------------- issue 12, item 7: thin routes, plain store errors
+def test_store_and_registry_errors_name_no_routes(home):
+    from models.errors import NotFoundError
+    from service.api.routes import jobs as jobs_routes
+    from service.jobs.store import FINAL_STATES, JobStore
+    from service.registry import ModelRegistry
+
+    store = JobStore(home / "jobs.sqlite3")
+    for call in (lambda: store.get("job-x"), lambda: store.request_cancel("job-x"),
+                 lambda: ModelRegistry(home / "models").get("nope")):
+        with pytest.raises(NotFoundError) as info:
+            call()
+        assert "/v1/" not in str(info.value)
+    job = store.create({"request": {}})
+    store.claim_next(worker_pid=1)
+    store.mark_interrupted(reason="test")
+    assert "resume" in store.get(job.id).error and "/v1/" not in store.get(job.id).error
+    source = Path(jobs_routes.__file__).read_text()
+    assert "FINAL_STATES" in source and '("succeeded", "failed", "cancelled")' not in source
+    assert FINAL_STATES == ("succeeded", "failed", "cancelled")
+    import inspect
+
+    assert len(inspect.getsource(jobs_routes.create_job).splitlines()) < 40  # HTTP only; the rest is submit_job

@@ -76,8 +76,8 @@ class Settings(BaseModel):
         gt=0, description="detect requests running at once (default: the CPU count, at least 2)",
     )
     inference_queue: int = Field(
-        default_factory=lambda: 8 * max(2, os.cpu_count() or 1),
-        ge=0, description="detect requests that may wait for a running slot; beyond -> 429 at once",
+        default_factory=lambda: 16 * max(2, os.cpu_count() or 1),
+        ge=0, description="detect requests that may wait for a running slot (their uploads wait on disk); beyond -> 429",
     )
     inference_queue_timeout_s: float = Field(10.0, gt=0, description="longest wait for a slot -> 503 beyond")
     inference_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads per session (0: its default)")

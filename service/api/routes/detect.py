@@ -14,6 +14,7 @@ import time
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.datastructures import UploadFile
 from pydantic import ValidationError
 
 from export.draw import draw_detections
@@ -50,19 +51,27 @@ _BODY_DOC = {
 }
 
 
-async def _read_image_bytes(request: Request, settings: Settings) -> bytes:
+async def _upload_bytes(upload: UploadFile, settings: Settings) -> bytes:
+    data = await upload.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise PayloadTooLargeError(
+            f"the image is larger than the limit of {settings.max_upload_bytes} bytes; send a smaller frame"
+        )
+    return data
+
+
+async def _read_image_bytes(request: Request, settings: Settings) -> bytes | UploadFile:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=4)
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise DataError("a multipart detect request needs a file field named 'image'")
-        data = await upload.read(settings.max_upload_bytes + 1)
-        if len(data) > settings.max_upload_bytes:
+        if upload.size is not None and upload.size > settings.max_upload_bytes:
             raise PayloadTooLargeError(
                 f"the image is larger than the limit of {settings.max_upload_bytes} bytes; send a smaller frame"
             )
-        return data
+        return upload  # spooled to disk when large; read into memory only once the request has a slot
     if ctype == "application/json":
         try:
             body = DetectJSON.model_validate_json(await request.body())
@@ -152,6 +161,8 @@ async def detect(
             f"the default model {model_id!r} is still being prepared; retry when GET /readyz answers 200"
         )
     async with limiter.slot(on_reject=lambda: metrics.count_rejected("concurrency")):
+        if not isinstance(data, bytes):
+            data = await _upload_bytes(data, settings)
         loaded = await pool.get(model_id)
         detector = loaded.detector
         imgsz = getattr(detector, "imgsz", None) or loaded.record.imgsz
