@@ -171,6 +171,50 @@ def test_a_queued_job_that_is_cancelled_ends_the_stream(home):
     assert [(k, d["state"]) for k, d, _ in events] == [("state", "queued"), ("state", "cancelled"), ("end", "cancelled")]
 
 
+def test_ctrl_c_stops_the_server_at_once_with_an_event_stream_open(tmp_path):
+    """``glasses-vision serve`` with a client following an unfinished job: Ctrl-C closes the stream and the server
+    exits at once, instead of waiting out uvicorn's graceful-shutdown timeout and cancelling the stream."""
+    import signal
+
+    from service.jobs.store import JobStore
+    from tests.service_fixtures import API_KEY, free_port
+
+    home, port = tmp_path / "home", free_port()
+    env = dict(os.environ, GLASSES_VISION_API_KEYS=API_KEY, GLASSES_VISION_LOAD_DEFAULT_MODEL="false",
+               PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--home", str(home), "--port", str(port), "--workers", "0"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                return False
+
+        wait_for(up, 60, interval=0.2, what="glasses-vision serve to answer")
+        JobStore(home / "jobs.sqlite3").create({"request": {}}, job_id="job-open")  # queued; no worker takes it
+        with httpx.stream("GET", f"{url}/v1/jobs/job-open/events", headers=AUTH, timeout=30) as resp:
+            events = parse_sse(resp.iter_lines())
+            first = next(events)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            rest = list(events)  # returns when the server closes the stream
+        out, _ = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert first[0] == "state" and first[1]["state"] == "queued"
+    assert rest == []  # no end event: the job did not end, a client reconnects later
+    assert proc.returncode == 0, out
+    assert elapsed < 10, f"the server took {elapsed:.1f} s to stop"
+    assert "graceful shutdown exceeded" not in out, out
+
+
 _NO_TORCH_SCRIPT = r"""
 import json, os, sys
 from pathlib import Path
@@ -217,14 +261,14 @@ def test_events_of_a_real_training_job(home):
             "batch": 2, "train_settings": {"eval_every": 0, "log_every": 1}}
     events = []
     with running_server(app) as url:
-        created = httpx.post(f"{url}/v1/jobs", json=spec, headers=AUTH, timeout=30)
+        created = httpx.post(f"{url}/v1/jobs", json=spec, headers=AUTH, timeout=300)  # submit checks run in a child
         assert created.status_code == 201, created.text
         job_id = created.json()["id"]
         with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=AUTH, timeout=240) as resp:
             for event in parse_sse(resp.iter_lines()):
                 events.append(event)
                 if event[0] == "step" and event[1]["step"] == 3:
-                    assert httpx.post(f"{url}/v1/jobs/{job_id}/cancel", headers=AUTH).status_code == 200
+                    assert httpx.post(f"{url}/v1/jobs/{job_id}/cancel", headers=AUTH, timeout=60).status_code == 200
     steps = [d for k, d, _ in events if k == "step"]
     assert [s["step"] for s in steps[:3]] == [1, 2, 3], events
     assert all(s["total_steps"] == 500 and s["loss"] > 0 and s["lr"] > 0 and s["elapsed_s"] > 0 for s in steps)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -92,6 +94,40 @@ class EtaEstimate:
         return round(max(0, total - step) * seconds / steps, 1)
 
 
+class StopSignal:
+    """Set when the process is asked to stop (SIGINT / SIGTERM), so that open event streams end at once.
+
+    uvicorn waits for responses still being sent before it stops, so a stream following a running job would
+    hold Ctrl-C for the whole graceful-shutdown timeout and then be cancelled. The handler is chained in front
+    of the server's own (it still runs); installed from the main thread only, where servers catch signals.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> None:
+        """Chain the handlers unless they are in place (a server that stopped restores the ones it found)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            if getattr(previous, "chained_by_glasses_vision", False):
+                continue
+            if not callable(previous):  # no Python handler to chain (default or ignored): leave it alone
+                continue
+            self.event.clear()  # a new server: an earlier one's stop does not count
+
+            def handler(signum, frame, previous=previous):
+                self.event.set()
+                previous(signum, frame)
+
+            handler.chained_by_glasses_vision = True
+            signal.signal(sig, handler)
+
+
+STOPPING = StopSignal()
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
@@ -116,9 +152,10 @@ def _parse_last_id(value: str | None) -> int:
 
 
 async def job_events(
-    store: JobStore, job: Job, run_dir: Path, last_step: int = 0, poll: float = POLL_SECONDS
+    store: JobStore, job: Job, run_dir: Path, last_step: int = 0, poll: float = POLL_SECONDS,
+    stopping: threading.Event | None = None,
 ) -> AsyncIterator[str]:
-    """The SSE text of one job until it ends (see the module docstring)."""
+    """The SSE text of one job until it ends, or until ``stopping`` is set (see the module docstring)."""
     tail, eta = MetricsTail(run_dir / "metrics.jsonl"), EtaEstimate()
     total = job.total_steps
     yield f"retry: {RETRY_MS}\n\n"
@@ -150,6 +187,8 @@ async def job_events(
             yield _sse("end", _state_data(job))
             return
         await anyio.sleep(poll)
+        if stopping is not None and stopping.is_set():
+            return  # the server is stopping: no end event, so a client reconnects (with Last-Event-ID) later
         job = await anyio.to_thread.run_sync(store.get, job.id)
         if (job.state, job.error) != state:
             state = (job.state, job.error)
@@ -178,7 +217,9 @@ async def job_events_stream(
     store: JobStore = Depends(get_store),
 ) -> StreamingResponse:
     job = await anyio.to_thread.run_sync(store.get, job_id)  # 404 before the stream starts
-    stream = job_events(store, job, job_run_dir(settings, job_id), last_step=_parse_last_id(last_event_id))
+    STOPPING.install()
+    stream = job_events(store, job, job_run_dir(settings, job_id), last_step=_parse_last_id(last_event_id),
+                        stopping=STOPPING.event)
     return StreamingResponse(
         stream,
         media_type="text/event-stream",
