@@ -78,3 +78,41 @@ def test_unsigned_refuses_negative_and_bytes_formula():
         quantize_blockwise(torch.tensor([-1.0, 1.0]), signed=False)
     codes, absmax = quantize_blockwise(torch.randn(1000), block_size=256)
     assert codes.numel() * codes.element_size() + absmax.numel() * 4 == quantized_nbytes(1000, 256)
+
+
+def test_block_layout_chunks_cover_every_value_once():
+    from training.optim.quant8 import BlockLayout
+
+    layout = BlockLayout([(5,), (300,), (2, 256), (1000,), (3, 3)], 64)
+    tensors = [torch.randn(s) for s in layout.shapes]
+    packed = layout.pack(tensors)
+    assert packed.shape == (sum(layout.blocks), 64) and (packed.reshape(-1)[5:64] == 0).all()
+    for rows in (1, 2, 3, 7, 100):
+        chunks = layout.chunks(rows)
+        assert torch.equal(torch.cat([layout.gather(tensors, pieces) for _, pieces in chunks]), packed)
+        out = [torch.zeros(s) for s in layout.shapes]
+        for rows_slice, pieces in chunks:
+            torch._foreach_copy_(layout.piece_views(out, pieces), layout.split_chunk(packed[rows_slice], pieces))
+        assert all(torch.equal(a, b) for a, b in zip(out, tensors))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_encode_into_buffers_and_decode_table(signed):
+    from training.optim.quant8 import decode_blocks, encode_blocks
+
+    x = _wide_range(64 * 8, signed).view(8, 64)
+    codes, absmax = encode_blocks(x, signed)
+    out = (torch.empty_like(codes), torch.empty(8))
+    scratch = x.clone()
+    got = encode_blocks(scratch, signed, out=out, overwrite=True)
+    assert got[0] is out[0] and torch.equal(out[0], codes) and torch.equal(out[1], absmax)
+    if signed:
+        assert torch.equal(scratch, x)  # overwrite only ever applies to unsigned input
+    # every level of the grid (one block, absmax 1) encodes to its own code and decodes back
+    levels, log2_min = (127, -20.0) if signed else (255, -32.0)
+    k = torch.arange(-127 if signed else 1, levels + 1, dtype=torch.float32)
+    level = torch.exp2((levels - k.abs()) * (log2_min / (levels - 1))) * torch.sign(k)
+    grid = torch.cat([level, torch.zeros(256 - k.numel())]).view(1, 256)
+    back, a = encode_blocks(grid, signed)
+    assert a.tolist() == [1.0] and torch.equal(back[0, : k.numel()].float(), k)
+    torch.testing.assert_close(decode_blocks(back, a)[0, : k.numel()], level, rtol=1e-6, atol=0)

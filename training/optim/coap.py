@@ -73,6 +73,9 @@ class COAPAdamW(ProjectedAdamW):
             proj_lr=proj_lr, block_size=block_size, seed=seed, transfer_moments=transfer_moments,
         )  # fmt: skip
 
+    def _moves(self, state, group, step) -> bool:
+        return ("proj" not in state and "proj_out" not in state) or self._schedule(step, group) is not None
+
     @staticmethod
     def _schedule(step: int, group: dict[str, Any]) -> str | None:
         interval = group["update_interval"]

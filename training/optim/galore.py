@@ -48,9 +48,11 @@ class GaLoreAdamW(ProjectedAdamW):
             proj_lr=proj_lr, block_size=block_size, seed=seed,
         )  # fmt: skip
 
+    def _moves(self, state, group, step) -> bool:
+        return "proj" not in state or (step - 1) % group["update_interval"] == 0
+
     def _refresh_matrix(self, g, state, group, step, exp_avg, r):
-        if "proj" not in state or (step - 1) % group["update_interval"] == 0:
-            state["proj"] = proj.svd_right(g, r)
+        state["proj"] = proj.svd_right(g, r)
 
     def _refresh_tucker(self, g, state, group, step, core_avg, ranks):  # conv_layout is "matrix"
         raise AssertionError("GaLore projects convolutions as matrices")

@@ -19,6 +19,7 @@ SVD's ``rng_seed`` / ``rng_calls``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable
 
@@ -27,7 +28,7 @@ from torch.optim import Optimizer
 
 from models.errors import ConfigError
 from training.optim import projection as proj
-from training.optim.quant8 import DEFAULT_BLOCK_SIZE, dequantize_many, quantize_many
+from training.optim.quant8 import DEFAULT_BLOCK_SIZE, block_layout, decode_blocks, encode_blocks, quantize_many
 
 #: Tensors with at most this many elements take plain AdamW (DESIGN.md: 32·32·3·3).
 TINY_NUMEL = 32 * 32 * 3 * 3
@@ -36,6 +37,80 @@ TINY_NUMEL = 32 * 32 * 3 * 3
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+#: values per chunk of the 8-bit step: its temporaries stay in the CPU cache (measured in docs/benchmarks/optimizers.md)
+CHUNK_NUMEL = 1 << 16
+
+
+class PackedMoments:
+    """The 8-bit moments of a group's tensors, packed end to end for one step.
+
+    ``optimizer.state`` keeps one code tensor and one scale tensor per parameter
+    and moment; a step packs the codes (a byte per value), runs Adam chunk by chunk
+    (decode, update, encode, all in cache-sized temporaries) and copies the new
+    codes and scales back in place. The float first moment is decoded in full only
+    when a projection moves (:meth:`first_moment`).
+    """
+
+    def __init__(self, states: list[dict[str, Any]], block_size: int):
+        self.states = states
+        self.layout = block_layout(tuple(s["exp_avg"].shape for s in states), block_size)
+        self.codes = {k: self.layout.pack([s[k] for s in states]) for k in ("exp_avg", "exp_avg_sq")}
+        self.absmax = {k: torch.cat([s[k + "_absmax"] for s in states]) for k in ("exp_avg", "exp_avg_sq")}
+        self.m_device = states[0]["exp_avg"].device
+        self._m: torch.Tensor | None = None  # the decoded first moment, once asked for
+        self._m_views: list[torch.Tensor] = []
+
+    def first_moment(self, i: int) -> torch.Tensor:
+        """Tensor ``i``'s float32 first moment; writes to it (a moment transfer) go into this step's update."""
+        if self._m is None:
+            self._m = decode_blocks(self.codes["exp_avg"], self.absmax["exp_avg"])
+            self._m_views = self.layout.unpack(self._m)
+        return self._m_views[i]
+
+    def adam(self, grads, steps, step_sizes, direct, decay, beta1, beta2, eps) -> list[torch.Tensor | None]:
+        """Moments ← Adam's with ``grads``, stored 8-bit; returns each tensor's ``step_size·m̂ / (√v̂ + eps)``.
+
+        Where ``direct[i]`` is a float32 parameter the update is applied to it here
+        (``p ← decay·p + update``) and ``None`` returned in its place. Nothing of the
+        packed size is allocated in float32 (a fresh buffer over ~32 MB page-faults
+        on every step): gradients are gathered and updates spread chunk by chunk.
+        """
+        device = self.m_device
+        blocks = torch.tensor(self.layout.blocks, device=device)  # every tensor owns its blocks
+        bc2 = torch.tensor([math.sqrt(1 - beta2**s) for s in steps], device=device).repeat_interleave(blocks)[:, None]
+        size = torch.tensor(step_sizes, device=device).repeat_interleave(blocks)[:, None]  # for the returned updates
+        updates = [None if d is not None else torch.empty(g.shape, device=device) for g, d in zip(grads, direct)]
+        mc, ma = self.codes["exp_avg"], self.absmax["exp_avg"]
+        vc, va = self.codes["exp_avg_sq"], self.absmax["exp_avg_sq"]
+        for c, pieces in self.layout.chunks(max(1, CHUNK_NUMEL // self.layout.block_size)):
+            g = self.layout.gather(grads, pieces)
+            m = self._m[c] if self._m is not None else decode_blocks(mc[c], ma[c])
+            v = decode_blocks(vc[c], va[c])
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            encode_blocks(m, True, out=(mc[c], ma[c]))
+            denom = v.sqrt().div_(bc2[c]).add_(eps)
+            encode_blocks(v, False, out=(vc[c], va[c]), overwrite=True)
+            mine = [i for i, (t, *_) in enumerate(pieces) if direct[t] is not None]  # parameters updated here
+            if len(mine) < len(pieces):
+                update = self.layout.split_chunk(torch.div(m, denom).mul_(size[c]), pieces)
+                rest = [i for i in range(len(pieces)) if direct[pieces[i][0]] is None]
+                targets = self.layout.piece_views(updates, [pieces[i] for i in rest])
+                torch._foreach_copy_(targets, [update[i] for i in rest])
+            if mine:  # p ← decay·p + step_size·m / denom
+                params = self.layout.piece_views(direct, [pieces[i] for i in mine])
+                m_parts, d_parts = self.layout.split_chunk(m, pieces), self.layout.split_chunk(denom, pieces)
+                if decay != 1:
+                    torch._foreach_mul_(params, decay)
+                torch._foreach_addcdiv_(
+                    params, [m_parts[i] for i in mine], [d_parts[i] for i in mine], [step_sizes[pieces[i][0]] for i in mine]
+                )
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch._foreach_copy_([s[k] for s in self.states], self.layout.unpack(self.codes[k]))
+            torch._foreach_copy_([s[k + "_absmax"] for s in self.states], self.layout.split_blocks(self.absmax[k]))
+        return updates
 
 
 class ProjectedAdamW(Optimizer):
@@ -172,17 +247,8 @@ class ProjectedAdamW(Optimizer):
         return gen
 
     @staticmethod
-    def _load_moments(states: list[dict[str, Any]], group: dict[str, Any]) -> tuple[list, list]:
-        """float32 first and second moments of ``states`` (dequantised together in 8-bit mode)."""
-        if group["eight_bit"]:
-            bs = group["block_size"]
-            ms = dequantize_many([(s["exp_avg"], s["exp_avg_absmax"]) for s in states], bs)
-            vs = dequantize_many([(s["exp_avg_sq"], s["exp_avg_sq_absmax"]) for s in states], bs)
-            return ms, vs
-        return [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-
-    @staticmethod
     def _store_moments(states: list[dict[str, Any]], ms: list, vs: list, group: dict[str, Any]) -> None:
+        """Set new moment tensors (at initialisation; steps update them in place)."""
         if group["eight_bit"]:
             bs = group["block_size"]
             for s, (c, a) in zip(states, quantize_many(ms, signed=True, block_size=bs)):
@@ -200,7 +266,12 @@ class ProjectedAdamW(Optimizer):
     def _refresh_tucker(self, g: torch.Tensor, state: dict, group: dict, step: int, core_avg: torch.Tensor, ranks):
         raise NotImplementedError
 
-    def _project(self, p, g, state, group, kind, info, step, exp_avg) -> torch.Tensor:
+    def _moves(self, state: dict, group: dict, step: int) -> bool:
+        """Whether this step initialises or moves the projection (only then is the float first moment needed)."""
+        return True
+
+    def _project(self, p, g, state, group, kind, info, step, moment: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The projected gradient; first moves the projection when due (``moment()`` gives the first moment)."""
         if kind == "adam":
             return g
         if kind == "matrix":
@@ -208,24 +279,54 @@ class ProjectedAdamW(Optimizer):
             gm = self._as_matrix(g, transposed)
             if r >= cols:  # full rank: the identity projection, never moved
                 state.setdefault("proj", torch.eye(cols, dtype=torch.float32, device=g.device))
-            else:
-                self._refresh_matrix(gm, state, group, step, exp_avg, r)
+            elif self._moves(state, group, step):
+                self._refresh_matrix(gm, state, group, step, moment(), r)
             return proj.matrix_project(gm, state["proj"])
         r0, r1 = info
         if r0 >= g.shape[0] and r1 >= g.shape[1]:
             state.setdefault("proj_out", torch.eye(g.shape[0], dtype=torch.float32, device=g.device))
             state.setdefault("proj_in", torch.eye(g.shape[1], dtype=torch.float32, device=g.device))
-        else:
-            self._refresh_tucker(g, state, group, step, exp_avg, (r0, r1))
+        elif self._moves(state, group, step):
+            self._refresh_tucker(g, state, group, step, moment(), (r0, r1))
         return proj.tucker_project(g, state["proj_out"], state["proj_in"])
 
     def _back(self, p, update, state, kind, info) -> torch.Tensor:
-        if kind == "adam":
-            return update
         if kind == "matrix":
             full = proj.matrix_back(update, state["proj"])
             return (full.T if info[3] else full).reshape(p.shape)
         return proj.tucker_back(update, state["proj_out"], state["proj_in"])
+
+    def _apply(self, params, updates, states, kinds, decay: float) -> None:
+        """``p ← decay·p + back(update)`` for every parameter.
+
+        A float32 projected weight takes one GEMM (back-projection, decay and add in
+        one, no full-size temporary); the rest (``adam`` layout, other dtypes) takes
+        foreach multiply-adds over the list.
+        """
+        plain, plain_updates = [], []
+        for p, u, st, (kind, info) in zip(params, updates, states, kinds):
+            if u is None:  # already applied (8-bit moments)
+                continue
+            if kind == "adam":
+                plain.append(p)
+                plain_updates.append(u)
+            elif p.dtype == torch.float32 and p.is_contiguous():
+                if kind == "matrix":
+                    proj.matrix_back_add_(p.view(p.shape[0], -1), u, st["proj"], decay, transposed=info[3])
+                else:
+                    proj.tucker_back_add_(p, u, st["proj_out"], st["proj_in"], decay)
+            else:
+                plain.append(p)
+                plain_updates.append(self._back(p, u, st, kind, info))
+        if not plain:
+            return
+        if decay != 1:
+            torch._foreach_mul_(plain, decay)
+        if all(p.dtype == u.dtype for p, u in zip(plain, plain_updates)):
+            torch._foreach_add_(plain, plain_updates)
+        else:
+            for p, u in zip(plain, plain_updates):
+                p.add_(u.to(p.dtype))
 
     # --------------------------------------------------------------------- step
     @torch.no_grad()
@@ -242,7 +343,7 @@ class ProjectedAdamW(Optimizer):
     def _step_group(self, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        params, states, steps = [], [], []
+        params, states = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -251,42 +352,40 @@ class ProjectedAdamW(Optimizer):
             state = self.state[p]
             if not state:
                 self._init_state(p, group, state)
-            state["step"] += 1
             params.append(p)
             states.append(state)
-            steps.append(int(state["step"].item()))
         if not params:
             return
-        ms, vs = self._load_moments(states, group)
+        counters = [s["step"] for s in states]
+        torch._foreach_add_(counters, 1.0)
+        steps = [int(s) for s in torch.stack(counters).tolist()]
         kinds = [self.layout(p, group) for p in params]
+        packed = PackedMoments(states, group["block_size"]) if group["eight_bit"] else None
+        moment = packed.first_moment if packed is not None else (lambda i: states[i]["exp_avg"])
         grads = [
-            self._project(p, p.grad.detach().float(), state, group, kind, info, step, m)
-            for p, state, (kind, info), step, m in zip(params, states, kinds, steps, ms)
+            self._project(p, p.grad.detach().float(), state, group, kind, info, step, functools.partial(moment, i))
+            for i, (p, state, (kind, info), step) in enumerate(zip(params, states, kinds, steps))
         ]
-        if wd != 0:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        # Adam on the (projected) gradients, all parameters of the group at once.
-        torch._foreach_lerp_(ms, grads, 1 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
-        bc2_sqrt = [math.sqrt(1 - beta2**s) for s in steps]
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, eps)
-        updates = torch._foreach_div(ms, denom)
-        step_sizes = [-lr / (1 - beta1**s) for s in steps]
-        for i, (kind, info) in enumerate(kinds):
-            if kind != "adam":
-                step_sizes[i] *= group["scale"]
-        torch._foreach_mul_(updates, step_sizes)
-        full = [self._back(p, u, st, k, inf) for p, u, st, (k, inf) in zip(params, updates, states, kinds)]
-        if all(p.dtype == torch.float32 for p in params):
-            torch._foreach_add_(params, full)
+        step_sizes = [-lr / (1 - beta1**s) * (1.0 if kind == "adam" else group["scale"]) for s, (kind, _) in zip(steps, kinds)]
+        decay = 1 - lr * wd
+        # Adam on the (projected) gradients, all tensors of the group at once: update = step_size·m / (√v̂ + eps)
+        if packed is not None:  # plain float32 parameters are updated inside (None in updates)
+            direct = [
+                p if kind == "adam" and p.dtype == torch.float32 and p.is_contiguous() else None
+                for p, (kind, _) in zip(params, kinds)
+            ]
+            updates = packed.adam(grads, steps, step_sizes, direct, decay, beta1, beta2, eps)
         else:
-            for p, u in zip(params, full):
-                p.add_(u.to(p.dtype))
-        if group["eight_bit"]:  # float32 moments were updated in place
-            self._store_moments(states, ms, vs, group)
+            ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            torch._foreach_lerp_(ms, grads, 1 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denom, [math.sqrt(1 - beta2**s) for s in steps])
+            torch._foreach_add_(denom, eps)
+            updates = torch._foreach_div(ms, denom)
+            torch._foreach_mul_(updates, step_sizes)
+        self._apply(params, updates, states, kinds, decay)
 
     # ---------------------------------------------------------------- load/save
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -11,14 +11,17 @@ bounded *relative* error:
   only shortens the step);
 * non-negative tensors (second moment) use ``uint8``: codes ``1..255`` span
   ``2**UNSIGNED_LOG2_MIN .. 1``; nothing rounds to zero (over-estimating ``v``
-  only shortens the step).
+  only shortens the step). Code ``0`` is never written; it decodes to zero (the
+  padding of :class:`BlockLayout`).
 
-The round-trip error is bounded by :func:`relative_error_bound`; everything is
-tensor arithmetic (no Python loops over elements).
+Decoding is one table lookup per value (256 entries) and one multiply by the
+block's scale; the round-trip error is bounded by :func:`relative_error_bound`;
+everything is tensor arithmetic (no Python loops over elements).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -45,21 +48,142 @@ def smallest_level(signed: bool) -> float:
     return 2.0 ** _grid(signed)[1]
 
 
-def _padded(tensors: list[torch.Tensor], block_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """The tensors flattened, each zero-padded to whole blocks, concatenated: ``(blocks, block_size)``."""
-    zeros = torch.zeros(block_size, dtype=dtype, device=tensors[0].device)
-    pieces = []
-    for t in tensors:
-        pieces.append(t.reshape(-1).to(dtype))
-        pad = (-t.numel()) % block_size
-        if pad:
-            pieces.append(zeros[:pad])
-    return torch.cat(pieces).view(-1, block_size)
+@functools.lru_cache(maxsize=None)
+def _table(signed: bool, device: torch.device) -> torch.Tensor:
+    """The value of every code as a fraction of its block's absmax, indexed by the code's byte (``uint8`` view)."""
+    levels, log2_min = _grid(signed)
+    byte = torch.arange(256, dtype=torch.int32)
+    code = byte.to(torch.int8) if signed else byte.to(torch.uint8)  # the code each byte pattern stands for
+    k = code.float()
+    values = k.abs().neg_().add_(levels).mul_(log2_min / (levels - 1)).exp2_()  # level L -> 1
+    values = values * torch.sign(k) if signed else torch.where(k == 0, 0.0, values)
+    return values.to(device)
 
 
-def _unpad(flat: torch.Tensor, shapes: list[torch.Size], block_size: int) -> list[torch.Tensor]:
-    sizes = [math.ceil(math.prod(s) / block_size) * block_size for s in shapes]
-    return [chunk[: math.prod(s)].view(s) for chunk, s in zip(flat.reshape(-1).split(sizes), shapes)]
+def encode_blocks(
+    blocks: torch.Tensor,
+    signed: bool,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    overwrite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (``blocks``' shape, int8 if ``signed`` else uint8) and per-row absmax of a ``(blocks, size)`` float tensor.
+
+    The nearest level in log space is ``round(L + c·log2(|x| / absmax))`` with
+    ``c = (L - 1) / -log2_min``, computed as ``trunc(c·log2|x| + (L + ½ - c·log2 absmax))``
+    clamped to the code range: five passes over the values (log, multiply-add,
+    clamp, sign, cast) besides ``|x|`` and the block maximum. The block maximum
+    itself lands on level ``L`` (decoded exactly); zeros give ``log2 0 = -inf``, code 0
+    (signed) or 1 (unsigned).
+
+    ``out``: ``(codes, absmax)`` tensors to write into. ``overwrite``: ``blocks`` is
+    scratch (unsigned only: it is used as ``|x|`` and left holding garbage); otherwise
+    it is left unchanged. The caller vouches that ``blocks`` is non-negative when not ``signed``.
+    """
+    levels, log2_min = _grid(signed)
+    c = (levels - 1) / -log2_min
+    mag = blocks if overwrite and not signed else blocks.abs()
+    absmax = torch.amax(mag, dim=1, out=out[1]) if out is not None else mag.amax(dim=1)
+    offset = absmax.clamp_min(torch.finfo(torch.float32).tiny).log2_().mul_(-c).add_(levels + 0.5)
+    k = torch.add(offset[:, None], mag.log2_(), alpha=c, out=mag).clamp_min_(0 if signed else 1)
+    if signed:
+        k.copysign_(blocks)  # code 0 stays 0 for zeros
+    if out is not None:
+        return out[0].copy_(k), absmax  # the cast truncates: levels 0..L (k <= L + ½ up to rounding)
+    return k.to(torch.int8 if signed else torch.uint8), absmax
+
+
+def decode_blocks(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Float32 ``(blocks, size)`` values of :func:`encode_blocks`' output: a table lookup and one multiply."""
+    table = _table(codes.dtype == torch.int8, codes.device)
+    index = codes.reshape(-1).view(torch.uint8).to(torch.int32)
+    return torch.index_select(table, 0, index).view(codes.shape).mul_(absmax[:, None])
+
+
+class BlockLayout:
+    """Tensors of the given shapes laid end to end, each zero-padded to whole blocks: ``(blocks, block_size)``.
+
+    Every tensor starts a new block, so quantising the packed buffer gives each
+    tensor the scales it would get on its own.
+    """
+
+    def __init__(self, shapes: list[torch.Size], block_size: int):
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.block_size = block_size
+        self.numels = [math.prod(s) for s in self.shapes]
+        self.blocks = [math.ceil(n / block_size) for n in self.numels]  # blocks per tensor
+        self.pads = [b * block_size - n for b, n in zip(self.blocks, self.numels)]
+
+    def pack(self, tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One ``(blocks, block_size)`` tensor holding ``tensors`` (cast to ``dtype``), padding zeros."""
+        dtype = dtype or tensors[0].dtype
+        zeros = torch.zeros(self.block_size, dtype=dtype, device=tensors[0].device)
+        pieces = []
+        for t, pad in zip(tensors, self.pads):
+            pieces.append(t.reshape(-1))
+            if pad:
+                pieces.append(zeros[:pad])
+        flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+        return flat.to(dtype).view(-1, self.block_size)
+
+    def unpack(self, packed: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``packed`` in the tensors' shapes (no copy)."""
+        chunks = packed.reshape(-1).split([b * self.block_size for b in self.blocks])
+        return [c[:n].view(s) for c, n, s in zip(chunks, self.numels, self.shapes)]
+
+    def split_blocks(self, per_block: torch.Tensor) -> list[torch.Tensor]:
+        """``per_block`` (one value per block, e.g. absmax) split into each tensor's part (views)."""
+        return list(per_block.split(self.blocks))
+
+    @functools.lru_cache(maxsize=4)
+    def chunks(self, rows: int) -> list[tuple[slice, list[tuple[int, int, int, int]]]]:
+        """The packed buffer in runs of ``rows`` blocks: ``(block rows, pieces)``.
+
+        Each piece ``(tensor, start, stop, pad)`` is values ``start:stop`` of that tensor
+        followed by ``pad`` zeros; the pieces of a chunk fill its rows in order.
+        """
+        out, pieces, row0, filled = [], [], 0, 0
+        bs, size = self.block_size, rows * self.block_size
+        for t, (n, b) in enumerate(zip(self.numels, self.blocks)):
+            start = 0
+            while start < b * bs:
+                stop = min(b * bs, start + size - filled)
+                pieces.append((t, min(start, n), min(stop, n), stop - max(start, n) if stop > n else 0))
+                filled += stop - start
+                start = stop
+                if filled == size:
+                    out.append((slice(row0, row0 + rows), pieces))
+                    pieces, row0, filled = [], row0 + rows, 0
+        if pieces:
+            out.append((slice(row0, row0 + filled // bs), pieces))
+        return out
+
+    def piece_views(self, tensors: list[torch.Tensor], pieces: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
+        """Flat ``tensors[t][start:stop]`` of each piece (views of contiguous tensors, copies of others)."""
+        out = []
+        for t, start, stop, _ in pieces:
+            flat = tensors[t].reshape(-1)
+            out.append(flat if stop - start == self.numels[t] else flat[start:stop])
+        return out
+
+    def gather(self, tensors: list[torch.Tensor], pieces: list[tuple[int, int, int, int]]) -> torch.Tensor:
+        """One chunk of the packed buffer (``(rows, block_size)``) from ``tensors``; a view when it is one tensor's run."""
+        parts = []
+        for (t, start, stop, pad), view in zip(pieces, self.piece_views(tensors, pieces)):
+            parts.append(view)
+            if pad:
+                parts.append(view.new_zeros(pad))
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(-1, self.block_size)
+
+    def split_chunk(self, chunk: torch.Tensor, pieces: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
+        """The values of each piece in one chunk (flat views of ``chunk``, padding dropped)."""
+        sizes = [n for _, start, stop, pad in pieces for n in (stop - start, pad)]
+        return list(chunk.reshape(-1).split(sizes)[::2])
+
+
+@functools.lru_cache(maxsize=64)
+def block_layout(shapes: tuple[torch.Size, ...], block_size: int) -> BlockLayout:
+    """A cached :class:`BlockLayout` (optimizers pack the same shapes every step)."""
+    return BlockLayout(list(shapes), block_size)
 
 
 def quantize_many(
@@ -72,22 +196,12 @@ def quantize_many(
     """
     if not tensors:
         return []
-    levels, log2_min = _grid(signed)
-    blocks = _padded(tensors, block_size, torch.float32)
+    layout = BlockLayout([t.shape for t in tensors], block_size)
+    blocks = layout.pack(tensors, torch.float32)
     if not signed and bool((blocks < 0).any()):
         raise ValueError("unsigned quantisation needs a non-negative tensor")
-    mag = blocks.abs()
-    absmax = mag.amax(dim=1)
-    mag.div_(absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_min_(1e-45).log2_()
-    # level k in 1..levels stands for 2**(log2_min * (levels - k) / (levels - 1)); rounding in log space
-    k = mag.mul_(-(levels - 1) / log2_min).add_(levels).round_()
-    if signed:
-        codes = k.clamp_(0, levels).mul_(torch.sign(blocks)).to(torch.int8)
-    else:  # a positive value never rounds to zero; exact zeros come back as 2**-32 of the absmax (or 0 if all zero)
-        codes = k.clamp_(1, levels).to(torch.uint8)
-    counts = [math.ceil(t.numel() / block_size) for t in tensors]
-    shapes = [t.shape for t in tensors]
-    return [(c.clone(), a.clone()) for c, a in zip(_unpad(codes, shapes, block_size), absmax.split(counts))]
+    codes, absmax = encode_blocks(blocks, signed)
+    return [(c.clone(), a.clone()) for c, a in zip(layout.unpack(codes), layout.split_blocks(absmax))]
 
 
 def dequantize_many(
@@ -96,15 +210,9 @@ def dequantize_many(
     """Float32 tensors from :func:`quantize_many`'s ``(codes, absmax)`` pairs (one pass over all)."""
     if not pairs:
         return []
-    signed = pairs[0][0].dtype == torch.int8
-    levels, log2_min = _grid(signed)
-    k = _padded([c for c, _ in pairs], block_size, torch.float32)
-    absmax = torch.cat([a for _, a in pairs])
-    level = k.abs() if signed else k.clone()
-    out = level.neg_().add_(levels).mul_(log2_min / (levels - 1)).exp2_().mul_(absmax[:, None])  # level L -> 1
-    if signed:
-        out.mul_(torch.sign(k))  # sign(0) = 0: code 0 is exactly zero
-    return _unpad(out, [c.shape for c, _ in pairs], block_size)
+    layout = BlockLayout([c.shape for c, _ in pairs], block_size)
+    out = decode_blocks(layout.pack([c for c, _ in pairs]), torch.cat([a for _, a in pairs]))
+    return layout.unpack(out)
 
 
 def quantize_blockwise(
