@@ -21,7 +21,8 @@ def test_jobs_survive_a_restart(home):
     settings = make_settings(home, job_workers=0)
 
     with running_server(create_app(settings, detector_loader=FakeDetector)) as url:
-        ids = [httpx.post(f"{url}/v1/jobs", json=_spec(i), headers=AUTH).json()["id"] for i in range(3)]
+        # the first submission may wait for the job checker child to import the library
+        ids = [httpx.post(f"{url}/v1/jobs", json=_spec(i), headers=AUTH, timeout=180).json()["id"] for i in range(3)]
         # the first one is taken by a worker that then disappears with the server (kill -9 style)
         running = JobStore(settings.db_path).claim_next(worker_pid=999_999)
         assert running.id == ids[0]
