@@ -54,18 +54,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
     return parser
 
 
-FIELDS = ("data", "base", "new_classes", "peft", "rank", "alpha", "optimizer", "in_backward", "lr", "weight_decay",
-          "epochs", "max_steps", "batch", "accumulate", "imgsz", "grad_checkpoint", "amp", "grad_clip", "ema", "augment",
-          "replay", "replay_fraction", "eval_every", "save_every", "memory_limit_mb", "workers", "seed", "device", "out", "resume", "quiet")
-
-
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig the flags (and ``--config``) describe."""
     from training.config import TrainConfig
     from training.train import parse_overrides
 
     values = TrainConfig.from_file(args.config).to_dict() if args.config else {}
-    values.update({k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None})
+    values.update({k: getattr(args, k) for k in TrainConfig.field_names() if getattr(args, k, None) is not None})
     if args.mosaic is not None:
         values["augment_settings"] = {**values.get("augment_settings", {}), "mosaic": args.mosaic}
     values.update(parse_overrides(args.set))
