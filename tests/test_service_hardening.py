@@ -499,3 +499,18 @@ def test_store_and_registry_errors_name_no_routes(home):
     import inspect
 
     assert len(inspect.getsource(jobs_routes.create_job).splitlines()) < 40  # HTTP only; the rest is submit_job
+
+
+# ---------------------------------------------------------------- replay: a second dataset, confined like the first
+def test_replay_is_confined_and_reaches_train_config(client, data_root, tmp_path):
+    from service.jobs.spec import train_config_values
+
+    _error(client.post("/v1/jobs", json=_job(replay="../elsewhere", replay_fraction=0.25), headers=AUTH), 422,
+           "replay", "'..'")
+    (data_root / "source").symlink_to(tmp_path)
+    _error(client.post("/v1/jobs", json=_job(replay="source", replay_fraction=0.25), headers=AUTH), 422,
+           "replay", "outside the data root")
+    _error(client.post("/v1/jobs", json=_job(train_settings={"replay": "/etc"}), headers=AUTH), 422, "may not set replay")
+    values = train_config_values({"replay": "src", "replay_fraction": 0.25}, "/root/k/data.yaml", "/runs/j", False,
+                                 replay_yaml="/root/src/data.yaml")
+    assert values["replay"] == "/root/src/data.yaml" and values["replay_fraction"] == 0.25
