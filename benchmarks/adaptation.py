@@ -207,7 +207,7 @@ def run_unmergeable(setup: Setup, values: dict[str, Any], data: dict[str, Path],
 
     for p in model.parameters():
         p.requires_grad_(False)
-    model = apply_peft(model, setup.config["peft"]) or model
+    model = apply_peft(model, setup.config["peft"])
     trainable = recipe.trainable_summary(model)
     criterion = recipe.build_criterion(model)
     device = torch.device("cpu")

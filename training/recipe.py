@@ -441,7 +441,7 @@ def build_model(cfg: TrainConfig, names: list[str]) -> nn.Module:
                                   "use lora, dora, bitfit or adapters with new_classes, or keep the base's classes")
             settings["train_class_branch"] = True
         settings.update(cfg.peft_settings)
-        model = apply_peft(model, cfg.peft, **settings) or model
+        model = apply_peft(model, cfg.peft, **settings)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"PEFT method {cfg.peft!r} with these settings left nothing trainable; widen its targets")
     return model
@@ -679,7 +679,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
     from service.layers.peft import has_peft_layers, merge_lora
 
     if has_peft_layers(net):
-        net = merge_lora(net) or net
+        net = merge_lora(net)
     net.checkpoint_layers = set()
     return net.eval()
 
