@@ -35,6 +35,7 @@ class DoRAConfig(LoRAConfig):
 class DoraVariant(LoraVariant):
     """``m / ||W + dW||`` per output channel, computed in float32, times ``(W + dW) x``."""
 
+    name = "dora"
     max_active = 1
 
     def __init__(self):

@@ -226,6 +226,8 @@ class LoraVariant:
     LoRA adapter is added, and returns it with the variant's adapter applied.
     """
 
+    #: the variant's name (``dora``)
+    name: str = ""
     #: at most this many adapters of the variant may be active in one layer (None: no limit)
     max_active: int | None = None
 
@@ -277,9 +279,7 @@ class LoRALayer(BaseTunerLayer):
         return None
 
     def use_dora(self, name: str) -> bool:
-        from service.layers.tuners.dora import DoraVariant
-
-        return isinstance(self.lora_variant.get(name), DoraVariant)
+        return getattr(self.lora_variant.get(name), "name", None) == "dora"
 
     # ------------------------------------------------------------------ weights
     def base_weight(self) -> torch.Tensor:
