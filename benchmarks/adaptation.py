@@ -279,6 +279,7 @@ def run_ultralytics(seed: int, data: dict[str, Path], scale: Scale, base: str, o
 
     from export.ultralytics_export import export_ultralytics
 
+    out = out.resolve()  # ultralytics puts a relative project under its own runs_dir setting
     start = out / "start.pt"
     out.mkdir(parents=True, exist_ok=True)
     export_ultralytics(create_model(base), start, imgsz=scale.imgsz)
@@ -289,7 +290,7 @@ def run_ultralytics(seed: int, data: dict[str, Path], scale: Scale, base: str, o
                            verbose=False)
     wall = time.perf_counter() - started
     weights = out / "train" / "weights"
-    best = weights / "best.pt" if (weights / "best.pt").is_file() else weights / "last.pt"
+    best = weights / "best.pt"
     tuned = DetectionModel.from_ultralytics(best, trusted=True)  # our own file, written just above
     tuned.imgsz = scale.imgsz
     target = evaluate(tuned, data["target"], split="val", imgsz=scale.imgsz, batch=32)
