@@ -13,7 +13,7 @@ _LAZY = {
     "DetectionAugment": "training.data.augment",
     "DataProblem": "training.data.dataset",
     "DetectionDataset": "training.data.dataset",
-    "build_dataset": "training.data.dataset",
+    "build_dataset": "training.data.build",
     "collate": "training.data.dataset",
     "load_image": "training.data.dataset",
     "read_data_yaml": "training.data.yolo",

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from service.layers.tuners.base import build_config, inject_adapter
-from service.layers.tuners.lora import LoRAConfig, LoRALayer, LoraVariant, weight_norm
+from service.layers.tuners.lora import LoRAConfig, LoRALayer, LoraVariant, register_lora_variant, weight_norm
 from service.layers.tuners.registry import register_peft_method
 
 
@@ -83,4 +83,5 @@ def apply_dora(module: nn.Module, config: DoRAConfig | None = None, adapter_name
     return module
 
 
+register_lora_variant("dora", DoRAConfig, DoraVariant)
 register_peft_method(DoRAConfig, LoRALayer, apply=apply_dora)

@@ -186,10 +186,7 @@ def config_from_hf_peft(fields: dict[str, Any], ranks: dict[str, int]) -> "LoRAC
     for name in ranks:
         key = hf_pattern_key(alpha_pattern, name)
         alphas[name] = float(alpha_pattern[key]) if key is not None else lora_alpha
-    if fields.get("use_dora"):
-        from service.layers.tuners.dora import DoRAConfig as cls
-    else:
-        cls = LoRAConfig
+    cls = LORA_VARIANTS["dora"][0] if fields.get("use_dora") else LoRAConfig
     return cls(rank=r, alpha=lora_alpha, max_share=None, dropout=float(fields.get("lora_dropout") or 0.0),
                use_rslora=bool(fields.get("use_rslora", False)), rank_pattern=dict(ranks), alpha_pattern=alphas)
 
@@ -217,6 +214,16 @@ def weight_norm(weight: torch.Tensor) -> torch.Tensor:
     if weight.dim() > 2:
         return weight.norm(p=2, dim=tuple(range(1, weight.dim())))
     return torch.linalg.norm(weight, dim=1)
+
+
+#: ``use_dora``-style variants by name: (config class, variant class), filled in by the variant's own module
+#: (``dora.py`` registers ``"dora"``), so that this core module never imports its variants.
+LORA_VARIANTS: dict[str, tuple[type, type]] = {}
+
+
+def register_lora_variant(name: str, config_class: type, variant_class: type) -> None:
+    """Make ``use_<name>=True`` on a LoRA config select ``variant_class`` (and ``config_class`` when reloading)."""
+    LORA_VARIANTS[name] = (config_class, variant_class)
 
 
 class LoraVariant:
@@ -272,10 +279,8 @@ class LoRALayer(BaseTunerLayer):
     @staticmethod
     def resolve_lora_variant(config: LoRAConfig) -> LoraVariant | None:
         """The variant an adapter with ``config`` needs (None: plain LoRA)."""
-        if getattr(config, "use_dora", False):
-            from service.layers.tuners.dora import DoraVariant
-
-            return DoraVariant()
+        if config.use_dora:
+            return LORA_VARIANTS["dora"][1]()
         return None
 
     def use_dora(self, name: str) -> bool:
