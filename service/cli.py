@@ -16,7 +16,7 @@ COMMANDS = {
     "data": "generate and check datasets",
     "train": "fine-tune a detector on a dataset",
     "eval": "measure mAP of a model on a dataset",
-    "export": "export a model or run to ONNX for the glasses runtime",
+    "export": "export a model or run to ONNX for the glasses runtime (or to an ultralytics .pt)",
     "serve": "start the HTTP service",
     "demo": "the main job: generate data, fine-tune, evaluate, export",
     "import": "import an ultralytics .pt checkpoint as a model directory",
