@@ -190,3 +190,20 @@ def test_predict_cli_subprocess(exported, frame_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "service.cli", "predict", "--model", result.path,
                           "--source", str(tmp_path / "nothing.jpg")], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_predict_on_onnx_needs_no_torch(exported, frame_dir, tmp_path):
+    """On the glasses: ``glasses-vision predict --model x.onnx`` with torch absent (a fake torch that fails to import)."""
+    import os
+
+    _, result = exported
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch is not installed on the glasses')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(ROOT)])}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "predict", "--model", result.path, "--source",
+                           str(frame_dir), "--out", str(out), "--quiet", "--save-txt"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(_lines(out)) == 4 and (out / "f0.png").is_file() and (out / "labels" / "f0.txt").is_file()
