@@ -11,7 +11,7 @@ from service.commands.demo import run_demo
 
 
 def test_demo_pipeline_small(tmp_path):
-    s = run_demo(tmp_path / "demo", frames=24, val_frames=8, steps=2, batch=4, export=False, quiet=True)
+    s = run_demo(tmp_path / "demo", frames=24, val_frames=8, steps=2, batch=4, export=True, quiet=True)
     assert s["frames"] == {"train": 16, "val": 8, "imgsz": 128}
     assert s["steps"] == 2 and 0 < s["trainable_percent"] < 20
     # the adapted model's score is the merged model's score on the same val split
@@ -31,6 +31,11 @@ def test_demo_pipeline_small(tmp_path):
     assert (cfg["peft"], cfg["optimizer"]) == ("lora", "coap") and cfg["grad_checkpoint"] == demo.SETUP["grad_checkpoint"]
     assert (run / "adapter" / "adapter_config.json").is_file() and (run / "merged" / "model.safetensors").is_file()
     assert "activations saved for backward" in (run / "memory.txt").read_text()
+    assert s["export"]["verified"] and (run / "model.onnx").is_file()
+    from PIL import Image
+
+    picture = Image.open(s["before_after"])  # 4 val frames: base on top, adapted below, drawn at 2x
+    assert picture.size == (2 * (4 * (128 + 6) - 6), 2 * (2 * 128 + 6))
 
 
 def test_gap_closed_uses_the_ceiling_only_on_the_benchmark_val_set(monkeypatch, tmp_path):

@@ -99,6 +99,7 @@ def run_demo(out: str | Path = "runs/demo", frames: int = FRAMES, steps: int = S
     if export:
         say("[4/5] exporting the merged model to ONNX and verifying it ...")
         summary["export"] = _export(result.run_dir)
+        summary["before_after"] = str(draw_before_after(base, Path(summary["export"]["path"]), data, out))
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_json(out / "demo.json", summary)
     return summary
@@ -144,6 +145,41 @@ def ceiling_for(frames: int, val_frames: int, imgsz: int) -> float | None:
     return ceiling["map50_95"] if same else None
 
 
+def draw_before_after(base, adapted_onnx: Path, data: Path, out: Path, frames: int = 4) -> Path:
+    """A picture of what adaptation changed: val frames with the base's boxes (top) and the adapted model's (bottom).
+
+    Both models run through the glasses runtime (ONNX) and are drawn by the one drawing function.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from export import export_onnx
+    from export.draw import draw_detections
+    from export.runtime import Detector, load_image
+    from models.io import atomic_write_bytes
+
+    base_onnx = out / "base.onnx"
+    export_onnx(base, base_onnx, verify=False)
+    val = sorted((data.parent / "images" / "val").iterdir())[:frames]
+    rows = []
+    for path in (base_onnx, adapted_onnx):
+        detector = Detector(path)
+        rows.append([np.asarray(draw_detections(load_image(f), detector.detect(load_image(f), conf=0.25)))
+                     for f in val])
+    h, w = rows[0][0].shape[:2]
+    grid = np.full((2 * h + 6, len(val) * (w + 6) - 6, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid[r * (h + 6): r * (h + 6) + h, c * (w + 6): c * (w + 6) + w] = image
+    path = out / "before_after.png"
+    buffer = io.BytesIO()
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
 def _export(run_dir: Path) -> dict[str, Any]:
     from export import export_onnx
 
@@ -171,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         print("  " + memory.read_text().rstrip().replace("\n", "\n  "))
     if "export" in s:
         e = s["export"]
-        print(f"  ONNX: {e.get('path', e.get('skipped'))}" + (f" (verified: {e['verified']})" if "verified" in e else ""))
+        print(f"  ONNX: {e['path']} (verified against PyTorch: {e['verified']})")
+        print(f"  before / after on 4 val frames (top: shipped base, bottom: adapted): {s['before_after']}")
     print(f"  wall time: {s['wall_seconds']:.0f} s; everything is under {Path(s['run_dir']).parent}/")
     return 0
