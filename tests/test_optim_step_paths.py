@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from optim_fixtures import TinyNet, clone_model, single_thread, train_steps  # noqa: F401
+from optim_fixtures import TinyNet, clone_model, single_thread, tiny_batch, train_steps  # noqa: F401
 from torch import nn
 
 import training.optim.lowrank as lowrank
@@ -29,8 +29,6 @@ def _reference_adamw8bit(model, steps, lr=1e-2, wd=1e-2, betas=(0.9, 0.999), eps
     """AdamW8bit written out tensor by tensor with the public quantiser (the algorithm the fast path must match)."""
     state = {}
     for i in range(steps):
-        from optim_fixtures import tiny_batch
-
         x, y = tiny_batch(i)
         model.zero_grad()
         (model(x) - y).pow(2).mean().backward()
