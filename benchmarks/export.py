@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     work = Path(args.out or tempfile.mkdtemp(prefix="export-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.source:
-        from export.onnx_export import load_source
+        from export.source import load_source
 
         model, desc, _ = load_source(args.source)
     elif (BASE_MODEL_DIR / "model.safetensors").is_file():

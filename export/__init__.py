@@ -11,7 +11,7 @@ from importlib import import_module
 _LAZY = {
     "export_onnx": "export.onnx_export",
     "ExportResult": "export.onnx_export",
-    "load_source": "export.onnx_export",
+    "load_source": "export.source",
     "verify_onnx": "export.verify",
     "VerifyReport": "export.verify",
     "quantize_onnx": "export.quantize",

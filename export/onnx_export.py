@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import os
@@ -22,10 +21,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from models.errors import CheckpointError, ConfigError, ExportError, GlassesVisionError
+from models.errors import ConfigError, ExportError, GlassesVisionError
 from models.io import atomic_write_bytes
 
 from export.metadata import INPUT_NAME, OUTPUT_NAME, build_metadata
+from export.source import load_source
+from export.verify import verify_onnx
+from service.layers.peft import has_peft_layers, merged_copy
 
 #: Opset 17 runs on every onnxruntime since 1.11 and on the quantization / fp16 tooling.
 DEFAULT_OPSET = 17
@@ -58,14 +60,6 @@ class ExportResult:
         return out
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _state_sha256(model: nn.Module) -> str:
     """sha256 of the model's weights serialised as DetectionModel.save would write them."""
     from safetensors.torch import save as st_save
@@ -74,70 +68,6 @@ def _state_sha256(model: nn.Module) -> str:
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return hashlib.sha256(st_save(tensors, metadata={"format": CONFIG_FORMAT})).hexdigest()
-
-
-def has_adapters(model: nn.Module) -> bool:
-    """Whether any module is a PEFT wrapper (holds a ``base_layer``)."""
-    return any(hasattr(m, "base_layer") for m in model.modules())
-
-
-def merged_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with every adapter folded into the base weights (NF4 bases dequantised); the input is untouched."""
-    out = copy.deepcopy(model)
-    if has_adapters(out):
-        from service.layers.peft import merge_lora
-
-        out = merge_lora(out) or out
-        if has_adapters(out):
-            raise ExportError("merging the adapters left PEFT layers in the model; it cannot be exported as a plain graph")
-    return out
-
-
-def _model_dir(path: Path, best: bool) -> Path:
-    """A model dir itself, or a run dir's ``best/`` / ``merged/``."""
-    if (path / "config.json").is_file():
-        return path
-    candidates = ["best", "merged"] if best else ["merged"]
-    for name in candidates:
-        if (path / name / "config.json").is_file():
-            return path / name
-    want = "best/ or merged/" if best else "merged/"
-    raise CheckpointError(
-        f"{path} is neither a model directory (config.json + model.safetensors) nor a run directory with {want}; "
-        "pass the output of `glasses-vision train` or a saved model"
-    )
-
-
-def load_source(source: Any, best: bool = False) -> tuple[nn.Module, str, str]:
-    """``(model in eval mode, description, checkpoint sha256)`` for a DetectionModel, a model / run dir or a model name."""
-    from models.detection import DetectionModel
-
-    if isinstance(source, DetectionModel):
-        return source, f"in-memory {type(source).__name__}", ""
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.exists():
-            if not path.is_dir():
-                raise CheckpointError(
-                    f"{path} is a file, not a model: pass a model directory (config.json + model.safetensors), "
-                    "a run directory or a model name"
-                )
-            model_dir = _model_dir(path, best)
-            model = DetectionModel.load(model_dir)
-            return model, str(model_dir), _file_sha256(model_dir / "model.safetensors")
-        from models.registry import list_models
-
-        if str(source) in list_models():
-            from models.registry import BASE_MODEL_DIR, create_model
-
-            model = create_model(str(source)).eval()
-            weights = BASE_MODEL_DIR / "model.safetensors"
-            sha = _file_sha256(weights) if weights.is_file() and str(source).startswith("glasses-base") else ""
-            return model, str(source), sha
-        raise CheckpointError(f"{source} does not exist; pass a model directory, a run directory or a model name")
-    raise ExportError(
-        f"cannot export a {type(source).__name__}: pass a DetectionModel, a model directory, a run directory or a model name"
-    )
 
 
 def _check_imgsz(imgsz: Any, stride: int) -> tuple[int, int]:
@@ -276,7 +206,7 @@ def export_onnx(
         raise ConfigError(f"the output file should end in .onnx, got {out}")
     start = time.perf_counter()
     model, description, source_sha = load_source(source, best=best)
-    merged = has_adapters(model)
+    merged = has_peft_layers(model)
     plain = merged_copy(model).float().cpu().eval()
     if not source_sha:
         source_sha = _state_sha256(plain)
@@ -324,7 +254,6 @@ def export_onnx(
             export_seconds=0.0, metadata=meta,
         )
         if verify:
-            from export.verify import verify_onnx
 
             report = verify_onnx(staging, model, images=images)
             result.verification = report

@@ -31,7 +31,9 @@ import torch
 from models.errors import ConfigError, ExportError
 from models.io import atomic_write_bytes
 
-from export.onnx_export import _check_imgsz, has_adapters, load_source, merged_copy
+from export.onnx_export import _check_imgsz
+from export.source import load_source
+from service.layers.peft import has_peft_layers, merged_copy
 from export.metadata import project_version
 
 #: Largest raw-output difference between the reloaded file and the source model, relative to the largest
@@ -153,7 +155,7 @@ def export_ultralytics(
     atomic_write_bytes(out, data)
     return UltralyticsExportResult(
         path=str(out), size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), source=description,
-        imgsz=size[0], precision=precision, merged_adapters=has_adapters(model),
+        imgsz=size[0], precision=precision, merged_adapters=has_peft_layers(model),
         ultralytics_version=ultralytics.__version__, max_abs_diff=max_diff, frames_checked=checked,
         export_seconds=time.perf_counter() - start,
     )

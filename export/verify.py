@@ -18,6 +18,7 @@ from models.errors import ExportError
 from models.processing import box_iou, postprocess, preprocess
 
 from export.runtime import Detector, load_image
+from export.source import load_source
 
 #: Raw-output tolerances (box coordinates in input pixels, class scores) per precision.
 TOLERANCES = {
@@ -129,8 +130,6 @@ def verify_onnx(
         images: frames (paths, RGB arrays, PIL images); default: ultralytics' bus.jpg / zidane.jpg + generated frames.
         tolerance: ``box_atol`` / ``score_atol`` / ``min_match_rate`` (default by the file's precision).
     """
-    from export.onnx_export import load_source
-
     model, _, _ = load_source(source)
     detector = Detector(onnx_path)
     frames = [load_image(im) for im in (default_frames() if images is None else images)]

@@ -9,7 +9,6 @@ sees half a model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import CheckpointError, ConfigError, NotFoundError
-from models.io import atomic_write_json
+from models.io import atomic_write_json, file_sha256
 
 MODEL_FILE = "model.onnx"
 META_FILE = "model.json"
@@ -59,14 +58,6 @@ def check_model_id(model_id: str) -> str:
             f"invalid model id {model_id!r}; use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return model_id
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_onnx_metadata(path: Path) -> dict[str, str]:
@@ -143,7 +134,7 @@ class ModelRegistry:
                 id=model_id,
                 path=str(folder / MODEL_FILE),
                 size_bytes=target.stat().st_size,
-                sha256=_sha256(target),
+                sha256=file_sha256(target),
                 created_at=time.time(),
                 onnx_metadata=onnx_meta,
                 **meta,

@@ -18,6 +18,7 @@ from export.onnx_export import _state_sha256
 from export.verify import generated_frames
 from models.errors import CheckpointError, ConfigError, ExportError
 from models.processing import preprocess
+from service.layers.peft import has_peft_layers
 from tests.export_fixtures import IMGSZ, NAMES, export_model, exported, make_model  # noqa: F401
 
 
@@ -54,7 +55,7 @@ def test_dynamic_batch_matches_pytorch(exported, tmp_path):
         ref = model(torch.from_numpy(x)).numpy()
     assert out.shape == ref.shape == (2, 10, 336)
     assert np.abs(out - ref).max() < 1e-3
-    assert model.training is False and not any(hasattr(m, "base_layer") for m in model.modules())
+    assert model.training is False and not has_peft_layers(model)
     # the static (default) file takes a batch too, one frame at a time, with the same numbers
     from export.runtime import Detector
 
@@ -93,11 +94,11 @@ def test_merged_lora_export_has_base_operators(exported, tmp_path):
         for name, p in tuned.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.01)
-    assert any(hasattr(m, "base_layer") for m in tuned.modules())
+    assert has_peft_layers(tuned)
     result = export_onnx(tuned, tmp_path / "lora.onnx", images=generated_frames())  # checked against the *unmerged* model
     assert result.merged_adapters and result.verification.passed and result.verification.required > 0
     assert result.op_counts == base_result.op_counts and result.num_nodes == base_result.num_nodes
-    assert any(hasattr(m, "base_layer") for m in tuned.modules())  # the caller's model is untouched
+    assert has_peft_layers(tuned)  # the caller's model is untouched
     assert result.sha256 != base_result.sha256
 
 
@@ -114,10 +115,10 @@ def test_verification_catches_a_wrong_model(exported, tmp_path, monkeypatch):
     report = verify_onnx(result.path, other, images=generated_frames()[:1])
     assert not report.passed and report.max_abs_diff > 0.05
 
-    import export.verify as verify_mod
+    import export.onnx_export as exporter
 
-    real = verify_mod.verify_onnx
-    monkeypatch.setattr(verify_mod, "verify_onnx", lambda path, source, images=None: real(path, other, images))
+    real = exporter.verify_onnx
+    monkeypatch.setattr(exporter, "verify_onnx", lambda path, source, images=None: real(path, other, images))
     out = tmp_path / "bad.onnx"
     with pytest.raises(ExportError, match="does not match the PyTorch model"):
         export_onnx(model, out, images=generated_frames()[:1])

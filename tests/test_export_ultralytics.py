@@ -164,7 +164,7 @@ def test_adapters_are_merged_and_errors_are_clear(exported, tmp_path, monkeypatc
     import torch
 
     import export.ultralytics_export as ue
-    from export.onnx_export import merged_copy
+    from service.layers.peft import merged_copy
 
     model, _ = exported
     try:

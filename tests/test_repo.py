@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from service.layers.peft import has_peft_layers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,6 +31,6 @@ def test_readme_python_example_runs_as_written(tmp_path, capsys):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     model = namespace["model"]
-    assert not any(hasattr(m, "base_layer") for m in model.modules())  # merged back to plain layers
+    assert not has_peft_layers(model)  # merged back to plain layers
     model.save(tmp_path / "merged")
     assert "trainable" in capsys.readouterr().out.lower()

@@ -14,7 +14,6 @@ one k-times larger batch (with equal per-micro-batch statistics) give the same u
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -40,6 +39,7 @@ from training.config import TrainConfig
 from training.data import build_dataset, collate
 from training.evaluate import evaluate
 from training.memory import MemoryReport, measure_memory, optimizer_state_bytes
+from service.layers.peft import merged_copy, save_adapter
 
 EventFn = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
@@ -668,28 +668,15 @@ def run_eval(run: Run, val_ds, epoch: int, final: bool = False) -> dict[str, Any
         best = run.state.best_map50_95
         if best is None or metrics["map50_95"] > best:
             run.state.best_map50_95 = metrics["map50_95"]
-            merged_copy(net).save(run.run_dir / "best")
+            merged_copy(net).save(run.run_dir / "best")  # adapters folded into plain weights
     barrier(run.dist)
     return metrics
-
-
-def merged_copy(model: nn.Module) -> nn.Module:
-    """A plain DetectionModel with any adapters folded into its weights (the model itself is not changed)."""
-    net = copy.deepcopy(model)
-    from service.layers.peft import has_peft_layers, merge_lora
-
-    if has_peft_layers(net):
-        net = merge_lora(net)
-    net.checkpoint_layers = set()
-    return net.eval()
 
 
 def write_final_weights(cfg: TrainConfig, net: nn.Module, run_dir: Path) -> tuple[Path | None, Path]:
     """``adapter/`` (PEFT runs) and ``merged/`` (plain weights for export) of the shipped weights ``net``."""
     adapter_dir = None
     if not cfg.full_fine_tuning:
-        from service.layers.peft import save_adapter
-
         adapter_dir = run_dir / "adapter"
         save_adapter(net, adapter_dir)
     merged_dir = run_dir / "merged"

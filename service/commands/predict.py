@@ -92,7 +92,9 @@ def load_predictor(spec: str, imgsz: int | None = None, threads: int | None = No
 
     import torch
 
-    from export.onnx_export import _check_imgsz, load_source, merged_copy
+    from export.onnx_export import _check_imgsz
+    from export.source import load_source
+    from service.layers.peft import merged_copy
 
     if threads:
         torch.set_num_threads(int(threads))

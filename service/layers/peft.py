@@ -31,7 +31,15 @@ from service.layers.tuners.combine import COMBINE_METHODS, combine_adapters, pru
 from service.layers.tuners.dora import DoRAConfig, DoraVariant, apply_dora
 from service.layers.tuners.io import load_adapter, read_adapter_config, save_adapter
 from service.layers.tuners.lora import LoRAConfig, LoRALayer, LoraVariant, apply_lora, lora_plus_param_groups
-from service.layers.tuners.model import active_adapters, delete_adapter, list_adapters, merge_lora, set_adapter, unmerge_lora
+from service.layers.tuners.model import (
+    active_adapters,
+    delete_adapter,
+    list_adapters,
+    merge_lora,
+    merged_copy,
+    set_adapter,
+    unmerge_lora,
+)
 from service.layers.tuners.nf4 import NF4Weight, quantize_nf4
 from service.layers.tuners.qlora import QLoRAConfig, QLoRALayer, apply_qlora, quantized_bytes
 from service.layers.tuners.registry import (
@@ -53,6 +61,6 @@ __all__ = [
     "active_adapters", "apply_adapters", "apply_bitfit", "apply_dora", "apply_lora", "apply_peft", "apply_qlora",
     "canonical_name", "combine_adapters", "delete_adapter", "find_peft_state", "get_peft_method", "has_peft_layers",
     "is_mergeable", "is_peft_layer", "list_adapters", "list_peft_methods", "load_adapter", "lora_plus_param_groups",
-    "merge_lora", "peft_config_class", "prune_adapter", "quantize_nf4", "quantized_bytes", "read_adapter_config",
+    "merge_lora", "merged_copy", "peft_config_class", "prune_adapter", "quantize_nf4", "quantized_bytes", "read_adapter_config",
     "register_peft_method", "save_adapter", "set_adapter", "trainable_report", "unmerge_lora", "unregister_peft_method",
 ]

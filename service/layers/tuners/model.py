@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 from torch import nn
@@ -10,6 +11,7 @@ from models.errors import ConfigError
 from service.layers.tuners.base import (
     UnknownAdapterError,
     clear_peft_state,
+    has_peft_layers,
     iter_tuner_layers,
     peft_state,
     refresh_trainable,
@@ -66,6 +68,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             replace_module(root, lname, layer.unload())
     peft_state(root).adapters.pop(name)
     refresh_trainable(root)
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with every adapter folded into its base weights and the wrappers removed (NF4 bases come
+    back as float32): a plain model to save or export. ``model`` itself is untouched."""
+    out = copy.deepcopy(model)
+    return merge_lora(out) if has_peft_layers(out) else out
 
 
 def merge_lora(model: nn.Module, adapter_names: Sequence[str] | None = None, unload: bool = True) -> nn.Module:
