@@ -81,6 +81,16 @@ class Settings(BaseModel):
     )
     inference_queue_timeout_s: float = Field(10.0, gt=0, description="longest wait for a slot -> 503 beyond")
     inference_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads per session (0: its default)")
+    detect_batch_size: int = Field(
+        8, ge=1, le=64,
+        description="most frames of concurrent detect requests for one model run as one ONNX batch (1: no batching; "
+        "models exported with a fixed batch of 1 always run one frame at a time)",
+    )
+    detect_batch_wait_ms: float = Field(
+        2.0, ge=0.0, le=50.0,
+        description="how long a frame waits for others of the same model to join its batch; only while more detect "
+        "requests for that model are arriving (a lone request never waits)",
+    )
     max_loaded_models: int = Field(4, gt=0, description="ONNX sessions kept loaded (least recently used dropped)")
 
     job_workers: int = Field(1, ge=0, description="worker processes running jobs (each one job at a time; 0: none)")

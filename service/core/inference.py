@@ -6,16 +6,26 @@ every request; sessions are safe to call from several threads at once. Loading
 happens in a worker thread behind a per-model lock, so a slow load only makes
 requests for *that* model wait, never the others. Least recently used sessions
 are dropped beyond ``max_loaded``.
+
+:class:`MicroBatcher` runs the frames of detect requests for one model that
+arrive together as one ONNX batch (decode, letterbox, one ``session.run``, NMS per
+frame, all in one worker thread). A frame waits for company at most
+``detect_batch_wait_ms``, and only while other requests for the same model are
+on their way (reading their body or taking a slot): a lone request never waits.
+Results are those of a single-frame ``Detector.detect`` call (the same
+pre/post-processing, row by row).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
-from contextlib import asynccontextmanager
+import time
+from collections import Counter, OrderedDict
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
 import anyio
 
@@ -51,18 +61,213 @@ def runtime_loader(threads: int = 1) -> Loader:
     return load
 
 
+def batchable(detector: Any) -> bool:
+    """A runtime detector whose file takes any batch size (``export.runtime.Detector`` with ``batch_size`` None)."""
+    return (callable(getattr(detector, "raw", None)) and hasattr(detector, "imgsz") and hasattr(detector, "names")
+            and getattr(detector, "batch_size", 1) is None)
+
+
+@dataclass
+class FrameJob:
+    """One request's frame: ``decode`` (bytes -> ``service.core.images.Decoded``, under the limits) and its thresholds."""
+
+    decode: Callable[[], Any]
+    conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 300
+
+
+@dataclass
+class FrameResult:
+    """The decoded frame, its detections (``export.runtime.Detection``) and its share of the runtime's seconds."""
+
+    image: Any
+    detections: list
+    seconds: float
+    batch: int = 1
+
+
+@dataclass(eq=False)
+class _Slot:
+    job: FrameJob
+    future: "asyncio.Future[FrameResult]"
+
+
+def run_frames(detector: Any, jobs: list[FrameJob], model_id: str = "?") -> list[FrameResult | BaseException]:
+    """Decode, letterbox, run as one batch and post-process ``jobs`` (in the calling thread); one entry per job.
+
+    A frame that cannot be decoded gets its own exception; the others still run. Each frame goes through the
+    same ``preprocess`` / ``postprocess`` as ``export.runtime.Detector.detect``, so its boxes are the ones a
+    single-frame call gives.
+    """
+    import numpy as np
+
+    from export.runtime import Detection, load_image
+    from models.processing import postprocess, preprocess
+
+    out: list[FrameResult | BaseException | None] = [None] * len(jobs)
+    ready = []  # (index, decoded, input, letterbox info, preprocess seconds)
+    for i, job in enumerate(jobs):
+        try:
+            image = job.decode()
+            start = time.perf_counter()
+            x, info = preprocess(load_image(image.rgb), detector.imgsz)
+            ready.append((i, image, x, info, time.perf_counter() - start))
+        except Exception as exc:  # this frame's own problem (corrupt, too large, budget): only it fails
+            out[i] = exc
+    if ready:
+        start = time.perf_counter()
+        try:
+            pred = detector.raw(np.concatenate([r[2] for r in ready]) if len(ready) > 1 else ready[0][2])
+        except GlassesVisionError as exc:
+            pred, error = None, exc
+        except Exception as exc:  # onnxruntime failing on this model: say which model, keep serving
+            log.exception("inference with %s failed", model_id)
+            pred, error = None, ModelLoadError(
+                f"model {model_id!r} failed on this image ({type(exc).__name__}: {exc}); "
+                "check the model with GET /v1/models/{id} or re-export it")
+        share = (time.perf_counter() - start) / len(ready)
+        names = detector.names
+        for row, (i, image, _x, info, pre_s) in enumerate(ready):
+            if pred is None:
+                out[i] = error
+                continue
+            job = jobs[i]
+            t0 = time.perf_counter()
+            boxes, scores, classes = postprocess(np.asarray(pred[row], dtype=np.float32), info,
+                                                 conf=job.conf, iou=job.iou, max_det=job.max_det)
+            found = [Detection(box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])), score=float(s),
+                               class_id=int(c), class_name=names[int(c)] if int(c) < len(names) else str(int(c)))
+                     for b, s, c in zip(boxes, scores, classes)]
+            out[i] = FrameResult(image, found, pre_s + share + time.perf_counter() - t0, len(ready))
+    return out  # type: ignore[return-value]
+
+
+class MicroBatcher:
+    """Frames of concurrent detect requests for one model, run together as one ONNX batch.
+
+    ``coming()`` says how many requests for the model are on their way (see :meth:`DetectorPool.arriving`);
+    a frame waits up to ``wait_s`` for them, at most ``max_batch`` frames run together, and batches run in
+    worker threads (several at once when requests keep arriving).
+    """
+
+    def __init__(self, detector: Any, model_id: str, max_batch: int, wait_s: float,
+                 coming: Callable[[], int] = lambda: 0):
+        self.detector, self.model_id = detector, model_id
+        self.max_batch, self.wait_s, self.coming = max(1, int(max_batch)), max(0.0, float(wait_s)), coming
+        self._pending: list[_Slot] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.batches = 0  # batches run so far (for tests and logs)
+        self.frames = 0
+
+    async def detect(self, job: FrameJob, arrival: "Arrival | None" = None) -> FrameResult:
+        """The frame's result once its batch has run; raises the frame's own error.
+
+        ``arrival`` (the request's count as on its way) ends as the frame joins the queue, in one step.
+        """
+        slot = _Slot(job, asyncio.get_running_loop().create_future())
+        self._pending.append(slot)
+        if arrival is not None:
+            arrival.leave(poke=False)
+        self.poke()
+        try:
+            return await slot.future
+        except asyncio.CancelledError:
+            if slot in self._pending:  # the client went away before its batch started
+                self._pending.remove(slot)
+            raise
+
+    def poke(self) -> None:
+        """Start a batch now if it is full or nobody else is coming; else make sure the wait timer runs."""
+        if not self._pending:
+            return
+        if len(self._pending) >= self.max_batch or self.wait_s <= 0 or self.coming() <= 0:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.wait_s, self._flush)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[_Slot]) -> None:
+        self.batches += 1
+        self.frames += len(batch)
+        try:
+            results = await anyio.to_thread.run_sync(run_frames, self.detector, [s.job for s in batch], self.model_id)
+        except BaseException as exc:  # noqa: BLE001 - every waiting request must hear of it
+            results = [exc] * len(batch)
+            if isinstance(exc, asyncio.CancelledError):
+                for slot in batch:
+                    if not slot.future.done():
+                        slot.future.cancel()
+                raise
+        for slot, result in zip(batch, results):
+            if slot.future.done():
+                continue
+            if isinstance(result, BaseException):
+                slot.future.set_exception(result)
+            else:
+                slot.future.set_result(result)
+
+
+class Arrival:
+    """A request counted as on its way to a model's batcher (see :meth:`DetectorPool.arriving`)."""
+
+    def __init__(self, pool: "DetectorPool", model_id: str):
+        self.pool, self.model_id, self.left = pool, model_id, False
+        pool._coming[model_id] += 1
+
+    def leave(self, poke: bool = True) -> None:
+        if not self.left:
+            self.left = True
+            self.pool._left(self.model_id, poke)
+
+
 class LoadedModel:
-    def __init__(self, record: ModelRecord, detector: DetectorLike):
-        self.record, self.detector = record, detector
+    def __init__(self, record: ModelRecord, detector: DetectorLike, batcher: MicroBatcher | None = None):
+        self.record, self.detector, self.batcher = record, detector, batcher
 
 
 class DetectorPool:
-    """Model id -> loaded detector, loaded on first use and kept."""
+    """Model id -> loaded detector, loaded on first use and kept.
 
-    def __init__(self, registry: ModelRegistry, loader: Loader, max_loaded: int = 4):
+    With ``max_batch`` > 1, a model whose file has a dynamic batch axis gets a :class:`MicroBatcher`
+    (``LoadedModel.batcher``); a file with a fixed batch of 1, or a stand-in detector, runs one frame per call.
+    """
+
+    def __init__(self, registry: ModelRegistry, loader: Loader, max_loaded: int = 4, max_batch: int = 1,
+                 batch_wait_s: float = 0.0):
         self.registry, self.loader, self.max_loaded = registry, loader, max_loaded
+        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self._loaded: "OrderedDict[str, LoadedModel]" = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._coming: Counter[str] = Counter()
+
+    @contextmanager
+    def arriving(self, model_id: str) -> Iterator["Arrival"]:
+        """Count a request for ``model_id`` as on its way to the batcher for the ``with`` body (or until it
+        hands its frame over: ``MicroBatcher.detect(job, arrival)``)."""
+        arrival = Arrival(self, model_id)
+        try:
+            yield arrival
+        finally:
+            arrival.leave()
+
+    def _left(self, model_id: str, poke: bool) -> None:
+        self._coming[model_id] -= 1
+        if self._coming[model_id] <= 0:
+            del self._coming[model_id]
+        hit = self._loaded.get(model_id)
+        if poke and hit is not None and hit.batcher is not None:
+            hit.batcher.poke()  # a batch may have been waiting for this request only
 
     def loaded_ids(self) -> list[str]:
         return list(self._loaded)
@@ -91,7 +296,11 @@ class DetectorPool:
                 raise ModelLoadError(
                     f"model {model_id!r} cannot be loaded ({type(exc).__name__}: {exc}); delete it and register it again"
                 ) from None
-            loaded = LoadedModel(record, detector)
+            batcher = None
+            if self.max_batch > 1 and batchable(detector):
+                batcher = MicroBatcher(detector, model_id, self.max_batch, self.batch_wait_s,
+                                       coming=lambda: self._coming.get(model_id, 0))
+            loaded = LoadedModel(record, detector, batcher)
             self._loaded[model_id] = loaded
             while len(self._loaded) > self.max_loaded:
                 self._loaded.popitem(last=False)

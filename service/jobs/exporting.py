@@ -2,7 +2,10 @@
 
 Used by the job runner after training, and as a child process by the API on
 first start (``python -m service.jobs.exporting --source DIR --out FILE``) so
-that the API process never has to import torch.
+that the API process never has to import torch. Files exported for the service
+have a dynamic batch axis, so that the server can run the frames of concurrent
+requests as one batch (``service.core.inference.MicroBatcher``); the glasses'
+own export stays static batch 1.
 """
 
 from __future__ import annotations
@@ -31,19 +34,21 @@ def export_for_registry(
     half: bool = False,
     verify: bool = True,
     int8_calibration: Any = None,
+    dynamic_batch: bool = True,
 ) -> dict[str, Any]:
     """Export ``source`` to ``out`` (verified against PyTorch); returns what the registry records.
 
     With ``int8_calibration`` (a data.yaml, an image folder or a list of frames of the target
     domain) the file is then quantized to static int8 and its mAP change measured on that set.
+    ``dynamic_batch`` (the default here) gives the file a symbolic batch axis for the server's micro-batching.
     """
     from export import export_onnx
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = export_onnx(source, out, imgsz=imgsz, opset=opset, half=half, verify=verify)
+    result = export_onnx(source, out, imgsz=imgsz, opset=opset, half=half, verify=verify, dynamic_batch=dynamic_batch)
     info: dict[str, Any] = {"export": {"imgsz": imgsz, "opset": result.opset, "half": half, "verify": verify,
-                                       "int8": False}}
+                                       "int8": False, "dynamic_batch": dynamic_batch}}
     info["verification"] = _plain(result.verification.to_dict()) if result.verification is not None else None
     if int8_calibration:
         from export import quantize_onnx
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", required=True, help="model dir or run dir")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--imgsz", type=int, default=None)
+    parser.add_argument("--static-batch", action="store_true", help="a fixed batch of 1 (no server micro-batching)")
     args = parser.parse_args(argv)
     import torch
 
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.errors import GlassesVisionError
 
     try:
-        info = export_for_registry(args.source, args.out, imgsz=args.imgsz)
+        info = export_for_registry(args.source, args.out, imgsz=args.imgsz, dynamic_batch=not args.static_batch)
     except GlassesVisionError as exc:
         print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
         return 2
