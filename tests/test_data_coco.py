@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tests.data_fixtures import ego_yaml  # noqa: F401 - fixture
 from training.data import build_dataset, read_data_yaml
 from training.data.coco import CocoDataset, write_coco
 from training.data.yolo import write_data_yaml

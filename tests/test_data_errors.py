@@ -7,7 +7,7 @@ import json
 import pytest
 
 from models.errors import DataError
-from tests.data_fixtures import make_yolo_dataset
+from tests.helpers.data import make_yolo_dataset
 from training.data import build_dataset
 from training.data.coco import CocoDataset, write_coco
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from models.processing import letterbox
-from tests.data_fixtures import make_yolo_dataset, source_yaml  # noqa: F401 - fixtures
+from tests.helpers.data import make_yolo_dataset
 from training.data import AugmentConfig, build_dataset, collate, read_data_yaml
 from training.data.coco import write_coco
 from training.data.synthetic import CLASS_NAMES, generate_dataset

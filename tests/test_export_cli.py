@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 from service.cli import main
-from tests.export_fixtures import make_model, tiny_dataset  # noqa: F401
+from tests.helpers.models import firing_model
 
 
-def test_export_cli_run_dir_and_int8(tmp_path, tiny_dataset, capsys):
+def test_export_cli_run_dir_and_int8(tmp_path, export_dataset, capsys):
     run = tmp_path / "runs" / "kitchen"
-    make_model(seed=3).save(run / "merged")
+    firing_model(seed=3).save(run / "merged")
     out = tmp_path / "kitchen.onnx"
     assert main(["export", "--from", str(run), "--out", str(out), "--imgsz", "64", "--json", str(tmp_path / "r.json")]) == 0
     text = capsys.readouterr().out
@@ -22,7 +22,7 @@ def test_export_cli_run_dir_and_int8(tmp_path, tiny_dataset, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["export"]["verification"]["passed"] is True
 
     q = tmp_path / "kitchen8.onnx"
-    assert main(["export", "--from", str(run), "--out", str(q), "--imgsz", "64", "--int8", "--calib", str(tiny_dataset),
+    assert main(["export", "--from", str(run), "--out", str(q), "--imgsz", "64", "--int8", "--calib", str(export_dataset),
                  "--calib-frames", "4", "--no-verify"]) == 0
     text = capsys.readouterr().out
     assert "int8 ->" in text and "4 calibration frames" in text and q.is_file()

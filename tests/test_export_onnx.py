@@ -19,7 +19,7 @@ from export.verify import generated_frames
 from models.errors import CheckpointError, ConfigError, ExportError
 from models.processing import preprocess
 from service.layers.peft import has_peft_layers
-from tests.export_fixtures import IMGSZ, NAMES, export_model, exported, make_model  # noqa: F401
+from tests.helpers.models import IMGSZ, NAMES, firing_model
 
 
 def test_metadata_and_verification(exported):
@@ -65,10 +65,10 @@ def test_dynamic_batch_matches_pytorch(exported, tmp_path):
 
 
 def test_export_from_model_and_run_dirs(tmp_path):
-    model = make_model(seed=1)
+    model = firing_model(seed=1)
     run = tmp_path / "runs" / "kitchen"
     model.save(run / "merged")
-    best = make_model(seed=2)
+    best = firing_model(seed=2)
     best.save(run / "best")
     r = export_onnx(run, tmp_path / "merged.onnx", imgsz=64, verify=False)
     assert r.source == str(run / "merged")
@@ -111,7 +111,7 @@ def test_half_export(exported, tmp_path):
 
 def test_verification_catches_a_wrong_model(exported, tmp_path, monkeypatch):
     model, result = exported
-    other = make_model(seed=7)
+    other = firing_model(seed=7)
     report = verify_onnx(result.path, other, images=generated_frames()[:1])
     assert not report.passed and report.max_abs_diff > 0.05
 

@@ -12,13 +12,13 @@ from export.quantize import float_nodes
 from export.runtime import Detector
 from export.verify import generated_frames
 from models.errors import ConfigError
-from tests.export_fixtures import export_model, exported, same_boxes, tiny_dataset  # noqa: F401
+from tests.helpers.export import same_boxes
 
 
-def test_int8_static_calibrated_on_dataset(exported, tiny_dataset, tmp_path):
+def test_int8_static_calibrated_on_dataset(exported, export_dataset, tmp_path):
     _, result = exported
     out = tmp_path / "model.int8.onnx"
-    report = quantize_onnx(result.path, out, calibration=tiny_dataset, dataset=tiny_dataset, max_calibration=6)
+    report = quantize_onnx(result.path, out, calibration=export_dataset, dataset=export_dataset, max_calibration=6)
     assert report.threads == 1
     assert report.calibration_images == 6 and report.excluded_nodes > 0
     assert report.size_bytes < 0.5 * report.base_size_bytes

@@ -18,7 +18,8 @@ import pytest
 from export.runtime import Detector
 from models.errors import ConfigError, ExportError
 from service.cli import main
-from tests.export_fixtures import IMGSZ, NAMES, export_model, exported, make_model, same_boxes  # noqa: F401
+from tests.helpers.export import same_boxes
+from tests.helpers.models import IMGSZ, NAMES
 
 
 @pytest.fixture()

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_fixtures import single_thread  # noqa: F401
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from training.memory import MemoryReport, SavedTensorCounter, count_parameters, measure_memory
 from training.optim import build_optimizer
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _linear_step(model, x):

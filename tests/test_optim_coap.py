@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_fixtures import (  # noqa: F401  (single_thread is a fixture)
-    TinyNet,
-    clone_model,
-    regression_problem,
-    roundtrip_state,
-    single_thread,
-    tiny_batch,
-    train_steps,
-)
+from tests.helpers.models import TinyNet
+from tests.helpers.optim import clone_model, mse_steps, regression_problem, roundtrip_state, tiny_batch
 from torch import nn
 
 from models.errors import ConfigError
 from training.optim import AdamW8bit, COAPAdamW, GaLoreAdamW, build_optimizer
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROJECTED = dict(min_numel=0, update_interval=2, reproject_factor=2)
 
@@ -50,8 +41,8 @@ def test_full_rank_identity_projection_equals_adamw(cls):
     ref, model = _pair()
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     opt = cls(model.parameters(), lr=1e-2, weight_decay=0.1, rank=10_000, **PROJECTED)
-    train_steps(ref, opt_ref, 9)
-    train_steps(model, opt, 9)  # 9 steps: past several update / re-projection points
+    mse_steps(ref, opt_ref, 9)
+    mse_steps(model, opt, 9)  # 9 steps: past several update / re-projection points
     assert torch.equal(opt.state[model.conv.weight]["proj_out"], torch.eye(8)) if cls is COAPAdamW else True
     assert "proj" in opt.state[model.fc.weight]
     for a, b in zip(ref.parameters(), model.parameters()):
@@ -75,8 +66,8 @@ def test_param_groups_weight_decay_scheduler_and_clipping_like_adamw():
     def clip(m):
         torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
 
-    train_steps(ref, opt_ref, 6, closure_hook=clip, scheduler=sched_ref)
-    train_steps(model, opt, 6, closure_hook=clip, scheduler=sched)
+    mse_steps(ref, opt_ref, 6, closure_hook=clip, scheduler=sched_ref)
+    mse_steps(model, opt, 6, closure_hook=clip, scheduler=sched)
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in opt_ref.param_groups]
     for a, b in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
@@ -142,13 +133,13 @@ def test_state_dict_resume_is_bit_exact(name, kw):
     torch.manual_seed(0)
     model = TinyNet()
     opt = build_optimizer(name, model.parameters(), lr=1e-2, **kw)
-    train_steps(model, opt, 5)
+    mse_steps(model, opt, 5)
     state = roundtrip_state(opt)  # weights_only=True: tensors and plain numbers only
     resumed_model = clone_model(model)
     resumed = build_optimizer(name, resumed_model.parameters(), lr=1e-2, **kw)
     resumed.load_state_dict(state)
-    train_steps(model, opt, 6, seed=100)  # crosses correlation updates and a randomised SVD
-    train_steps(resumed_model, resumed, 6, seed=100)
+    mse_steps(model, opt, 6, seed=100)  # crosses correlation updates and a randomised SVD
+    mse_steps(resumed_model, resumed, 6, seed=100)
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
     for p, q in zip(model.parameters(), resumed_model.parameters()):
@@ -166,15 +157,15 @@ def test_same_gradients_give_identical_projections_on_every_rank():
     b = clone_model(a)
     opt_a = COAPAdamW(a.parameters(), rank=3, **PROJECTED)
     opt_b = COAPAdamW(b.parameters(), rank=3, **PROJECTED)
-    train_steps(a, opt_a, 9)
-    train_steps(b, opt_b, 9)
+    mse_steps(a, opt_a, 9)
+    mse_steps(b, opt_b, 9)
     for p, q in zip(a.parameters(), b.parameters()):
         for key, value in opt_a.state[p].items():
             assert torch.equal(value, opt_b.state[q][key]) if torch.is_tensor(value) else value == opt_b.state[q][key]
     # a different seed draws a different sketch
     c = clone_model(a)
     opt_c = COAPAdamW(c.parameters(), rank=3, seed=1, **PROJECTED)
-    train_steps(c, opt_c, 1)
+    mse_steps(c, opt_c, 1)
     assert not torch.equal(opt_c.state[c.conv.weight]["proj_out"], opt_a.state[a.conv.weight]["proj_out"])
 
 
@@ -209,12 +200,12 @@ def test_eight_bit_state_is_int8_and_smaller():
     torch.manual_seed(0)
     model = TinyNet()
     opt = COAPAdamW(model.parameters(), rank=2, eight_bit=True, **PROJECTED)
-    train_steps(model, opt, 2)
+    mse_steps(model, opt, 2)
     st = opt.state[model.conv.weight]
     assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_sq"].dtype == torch.uint8
     assert st["exp_avg"].shape == (2, 2, 3, 3)
     opt8 = AdamW8bit(model.parameters())
-    train_steps(model, opt8, 1)
+    mse_steps(model, opt8, 1)
     assert opt8.state[model.fc.weight]["exp_avg"].dtype == torch.int8
 
 

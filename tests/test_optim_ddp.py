@@ -22,7 +22,8 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    from optim_fixtures import TinyNet, tiny_batch
+    from tests.helpers.models import TinyNet
+    from tests.helpers.optim import tiny_batch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from training.optim import COAPAdamW

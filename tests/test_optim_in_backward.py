@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_fixtures import TinyNet, clone_model, roundtrip_state, single_thread, tiny_batch, train_steps  # noqa: F401
+from tests.helpers.models import TinyNet
+from tests.helpers.optim import clone_model, mse_steps, roundtrip_state, tiny_batch
 
 from models.errors import ConfigError, NotFoundError
 from training.optim import (
@@ -16,8 +17,6 @@ from training.optim import (
     optimizer_in_backward,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 @pytest.mark.parametrize("name,kw", [("adamw", {}), ("coap", {"min_numel": 0, "rank": 2, "update_interval": 2})])
 def test_in_backward_equals_a_normal_step(name, kw):
@@ -27,7 +26,7 @@ def test_in_backward_equals_a_normal_step(name, kw):
     opt_ref = build_optimizer(name, ref.parameters(), lr=1e-2, **kw)
     opt = build_optimizer(name, model.parameters(), lr=1e-2, in_backward=True, model=model, **kw)
     assert isinstance(opt, InBackwardOptimizer)
-    train_steps(ref, opt_ref, 5)
+    mse_steps(ref, opt_ref, 5)
     for i in range(5):
         x, y = tiny_batch(i)
         (model(x) - y).pow(2).mean().backward()
@@ -54,7 +53,7 @@ def test_in_backward_state_dict_scheduler_and_remove():
     model = TinyNet()
     opt = build_optimizer("coap", model.parameters(), lr=1e-2, in_backward=True, model=model, min_numel=0, rank=2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    train_steps(model, opt, 2, scheduler=sched)
+    mse_steps(model, opt, 2, scheduler=sched)
     assert {g["lr"] for g in opt.param_groups} == {2.5e-3}
     assert len(opt.state) == len(list(model.parameters()))
     state = roundtrip_state(opt)

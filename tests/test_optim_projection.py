@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from optim_fixtures import single_thread  # noqa: F401
 
 from training.optim import projection as proj
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _low_rank(m: int, n: int, r: int, seed: int = 0) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_fixtures import single_thread  # noqa: F401
 
 from training.optim.quant8 import (
     dequantize_blockwise,
@@ -15,8 +14,6 @@ from training.optim.quant8 import (
     relative_error_bound,
     smallest_level,
 )
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _wide_range(n: int, signed: bool, seed: int = 0) -> torch.Tensor:

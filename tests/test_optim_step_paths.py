@@ -12,15 +12,14 @@ import math
 
 import pytest
 import torch
-from optim_fixtures import TinyNet, clone_model, single_thread, tiny_batch, train_steps  # noqa: F401
+from tests.helpers.models import TinyNet
+from tests.helpers.optim import clone_model, mse_steps, tiny_batch
 from torch import nn
 
 import training.optim.lowrank as lowrank
 from training.optim import AdamW8bit, COAPAdamW
 from training.optim import projection as proj
 from training.optim.quant8 import dequantize_blockwise, quantize_blockwise
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROJECTED = dict(min_numel=0, update_interval=2, reproject_factor=2)
 
@@ -55,7 +54,7 @@ def test_packed_8bit_step_equals_the_per_tensor_algorithm(monkeypatch, chunk):
     model = clone_model(ref)
     state = _reference_adamw8bit(ref, 4)
     opt = AdamW8bit(model.parameters(), lr=1e-2, weight_decay=1e-2)
-    train_steps(model, opt, 4)
+    mse_steps(model, opt, 4)
     for p, q in zip(ref.parameters(), model.parameters()):
         assert torch.equal(p, q)
         assert torch.equal(state[p]["m"][0], opt.state[q]["exp_avg"])
@@ -68,10 +67,10 @@ def test_coap8bit_does_not_depend_on_the_chunking(monkeypatch):
     a = TinyNet()
     b = clone_model(a)
     opt_a = COAPAdamW(a.parameters(), lr=1e-2, rank=2, eight_bit=True, **PROJECTED)
-    train_steps(a, opt_a, 9)
+    mse_steps(a, opt_a, 9)
     monkeypatch.setattr(lowrank, "CHUNK_NUMEL", 1)  # one block per chunk
     opt_b = COAPAdamW(b.parameters(), lr=1e-2, rank=2, eight_bit=True, **PROJECTED)
-    train_steps(b, opt_b, 9)
+    mse_steps(b, opt_b, 9)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
         for key, value in opt_a.state[p].items():
@@ -123,7 +122,7 @@ def test_channels_last_weights_take_the_unfused_path_and_agree():
     assert not b.conv.weight.is_contiguous()
     opt_a = COAPAdamW(a.parameters(), lr=1e-2, rank=2, **PROJECTED)
     opt_b = COAPAdamW(b.parameters(), lr=1e-2, rank=2, **PROJECTED)
-    train_steps(a, opt_a, 5)
-    train_steps(b, opt_b, 5)
+    mse_steps(a, opt_a, 5)
+    mse_steps(b, opt_b, 5)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_fixtures import single_thread, yolo_batch  # noqa: F401
+from tests.helpers.optim import yolo_batch
 from ultralytics.utils.loss import v8DetectionLoss
 
 from models import DetectionModel
 from training.memory import measure_memory, optimizer_state_bytes
 from training.optim import build_optimizer
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 SETTINGS = {
     "adamw": {},

@@ -21,8 +21,8 @@ from service.layers.peft import (
     read_adapter_config,
     save_adapter,
 )
-from tests.peft_fixtures import images, logits, make_model, predict, quiet, train_steps
-from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.models import make_model
+from tests.helpers.peft import images, logits, predict, quiet, train_steps
 
 peft = pytest.importorskip("peft", reason="HF PEFT is a dev dependency (pip install -e '.[dev]')")
 

@@ -30,8 +30,8 @@ from service.layers.peft import (
     trainable_report,
     unmerge_lora,
 )
-from tests.peft_fixtures import TinyNet, images, logits, make_model, predict, quiet, rel_diff, train_steps
-from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.models import MixedConvNet, make_model
+from tests.helpers.peft import images, logits, predict, quiet, rel_diff, train_steps
 
 TOL = 1e-5
 
@@ -133,7 +133,7 @@ def test_class_branch_fully_trainable_alongside_lora():
 
 
 def test_lora_on_conv_kinds_and_linear_merges_exactly():
-    net = TinyNet().eval()
+    net = MixedConvNet().eval()
     x = torch.randn(2, 3, 17, 19)
     before = net(x)
     apply_lora(net, rank=3, targets=[nn.Conv2d, "fc"], max_share=None)
@@ -239,7 +239,7 @@ def test_unknown_target_lists_valid_names():
     with pytest.raises(ConfigError, match=r"valid targets are a part \(backbone, neck, head\)"):
         apply_lora(model, rank=4, targets=["backbone", "model.99.conv"])
     with pytest.raises(ConfigError, match="has no parts"):
-        apply_lora(TinyNet(), rank=2, targets=["backbone"])
+        apply_lora(MixedConvNet(), rank=2, targets=["backbone"])
     with pytest.raises(ConfigError, match="already has an adapter"):
         apply_lora(model, rank=2, targets=["neck"])
         apply_lora(model, rank=2, targets=["neck"])

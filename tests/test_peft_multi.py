@@ -19,8 +19,8 @@ from service.layers.peft import (
     set_adapter,
 )
 from service.layers.tuners.combine import _dare, _ties
-from tests.peft_fixtures import logits, make_model, predict, rel_diff
-from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.models import make_model
+from tests.helpers.peft import logits, predict, rel_diff
 
 TARGETS = ["model.5.conv", "model.7.conv", "model.16.cv1.conv"]
 

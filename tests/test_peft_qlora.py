@@ -7,8 +7,8 @@ import torch
 
 from service.layers.peft import NF4Weight, QLoRAConfig, QLoRALayer, apply_qlora, merge_lora, quantized_bytes
 from service.layers.tuners.nf4 import NF4_LEVELS, NF4_MAX_REL_ERROR
-from tests.peft_fixtures import make_model, predict, quiet, rel_diff
-from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.models import make_model
+from tests.helpers.peft import predict, quiet, rel_diff
 
 
 def test_nf4_levels_are_the_papers_normal_quantiles():

@@ -33,8 +33,8 @@ from service.layers.peft import (
     trainable_report,
     unregister_peft_method,
 )
-from tests.peft_fixtures import logits, make_model, predict, rel_diff, train_steps
-from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.models import make_model
+from tests.helpers.peft import logits, predict, rel_diff, train_steps
 
 
 @dataclass

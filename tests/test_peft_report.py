@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
 
 
 def test_peft_report_script_generates_tables(tmp_path):

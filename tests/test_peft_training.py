@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 
 from service.layers.peft import apply_bitfit, apply_dora, apply_lora, apply_qlora
-from tests.peft_fixtures import images, loss_fn, make_model, quiet
-from tests.peft_fixtures import single_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.models import make_model
+from tests.helpers.peft import images, loss_fn, quiet
 
 
 @pytest.mark.parametrize("apply", [

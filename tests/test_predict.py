@@ -12,7 +12,8 @@ import pytest
 
 from export.runtime import Detector
 from service.commands.predict import collect_sources, predict, yolo_label_lines
-from tests.export_fixtures import IMGSZ, NAMES, export_model, exported, same_boxes  # noqa: F401
+from tests.helpers.export import same_boxes
+from tests.helpers.models import IMGSZ, NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from models.detection import DetectionModel
-from recipe_fixtures import ddp_worker, tiny_config
+from tests.helpers.recipe import ddp_worker, tiny_config
 from training.recipe import train
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from recipe_fixtures import tiny_config
+from tests.helpers.recipe import tiny_config
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.recipe import train

@@ -10,7 +10,7 @@ import yaml
 
 from models.detection import DetectionModel
 from models.errors import ConfigError, DataError
-from recipe_fixtures import tiny_config, tiny_dataset
+from tests.helpers.recipe import tiny_config, tiny_dataset
 from training.checkpoint import load_checkpoint
 from training.recipe import NonFiniteLossError, train
 

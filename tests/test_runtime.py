@@ -16,7 +16,8 @@ from export.runtime import Detection, Detector
 from export.verify import asset_frames, generated_frames
 from models.errors import CheckpointError, DataError
 from models.processing import postprocess, preprocess
-from tests.export_fixtures import IMGSZ, NAMES, export_model, exported, same_boxes  # noqa: F401
+from tests.helpers.export import same_boxes
+from tests.helpers.models import IMGSZ, NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,7 @@ from PIL import Image
 
 from service.core.config import DEFAULT_MODEL_ID, Settings
 from service.main import create_app
-from tests.service_fixtures import (  # noqa: F401 (home is a fixture)
-    home,
+from tests.helpers.service import (
     API_KEY,
     AUTH,
     FakeDetector,

@@ -10,7 +10,7 @@ import yaml
 from models.errors import DataError
 from service.core.errors import PayloadTooLargeError, UnsupportedMediaError
 from service.jobs.datasets import extract_dataset_zip, resolve_dataset_path
-from tests.service_fixtures import yolo_zip, zip_bytes
+from tests.helpers.service import yolo_zip, zip_bytes
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from service.api.routes.events import EtaEstimate, MetricsTail
 from service.jobs.spec import job_run_dir
 from service.main import create_app
-from tests.service_fixtures import AUTH, home, make_settings, running_server, wait_for  # noqa: F401 (home: fixture)
+from tests.helpers.service import AUTH, make_settings, running_server, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,7 +177,7 @@ def test_ctrl_c_stops_the_server_at_once_with_an_event_stream_open(tmp_path):
     import signal
 
     from service.jobs.store import JobStore
-    from tests.service_fixtures import API_KEY, free_port
+    from tests.helpers.service import API_KEY, free_port
 
     home, port = tmp_path / "home", free_port()
     env = dict(os.environ, GLASSES_VISION_API_KEYS=API_KEY, GLASSES_VISION_LOAD_DEFAULT_MODEL="false",

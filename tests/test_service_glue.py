@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.jobs.store import JobStore
-from tests.service_fixtures import home, make_settings  # noqa: F401
+from tests.helpers.service import make_settings
 
 
 def test_runner_records_the_train_results_own_fields(home, monkeypatch):

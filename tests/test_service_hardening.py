@@ -21,10 +21,9 @@ from PIL import Image
 
 from service.core.config import DEFAULT_MODEL_ID, Settings
 from service.main import create_app
-from tests.service_fixtures import (  # noqa: F401 (home is a fixture)
+from tests.helpers.service import (
     AUTH,
     FakeDetector,
-    home,
     image_bytes,
     make_settings,
     register_dummy_model,
@@ -258,7 +257,7 @@ _NO_TORCH = r"""
 import json, sys
 from fastapi.testclient import TestClient
 from service.main import create_app
-from tests.service_fixtures import FakeDetector, make_settings, register_dummy_model, AUTH, wait_for
+from tests.helpers.service import FakeDetector, make_settings, register_dummy_model, AUTH, wait_for
 from pathlib import Path
 home = Path(sys.argv[1])
 register_dummy_model(home, "glasses-base-yolo11n", classes=["thing"], imgsz=64)
@@ -401,7 +400,7 @@ def test_11_every_numeric_setting_is_bounded(client, data_root, spec, field):
 
 def test_11_active_jobs_per_key_and_uploaded_bytes_are_capped(home, data_root):
     from service.api.deps import key_owner
-    from tests.service_fixtures import yolo_zip
+    from tests.helpers.service import yolo_zip
 
     with _client(home, max_active_jobs_per_key=2, max_active_dataset_bytes=1000) as c:
         store = c.app.state.store

@@ -13,7 +13,7 @@ from service.jobs.runner import run_job
 from service.jobs.spec import job_log_path, job_run_dir, train_config_values
 from service.jobs.store import JobStore
 from service.registry import ModelRegistry
-from tests.service_fixtures import home, make_settings  # noqa: F401
+from tests.helpers.service import make_settings
 
 IMGSZ = 64
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from tests.service_fixtures import free_port, wait_for
+from tests.helpers.service import free_port, wait_for
 
 IMGSZ = 320
 NAMES = ["cup"]

@@ -10,10 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.core.config import DEFAULT_MODEL_ID
 from service.core.metrics import Metrics
 from service.main import create_app
-from tests.service_fixtures import (  # noqa: F401 (home is a fixture)
-    AUTH,
+from tests.helpers.service import (
     FakeDetector,
-    home,
     image_bytes,
     make_settings,
     register_dummy_model,

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from service.core.config import DEFAULT_MODEL_ID
 from service.core.images import decode_image
 from service.main import create_app
-from tests.service_fixtures import AUTH, image_bytes, make_settings, register_dummy_model, running_server, wait_for
+from tests.helpers.service import AUTH, image_bytes, make_settings, register_dummy_model, running_server, wait_for
 
 IMGSZ = 64
 NAMES = ["cup", "bottle", "phone", "book", "keyboard", "food_label"]
@@ -139,7 +139,7 @@ def test_glasses_vision_serve_command(home, tiny_model_dir):
     import subprocess
     import sys
 
-    from tests.service_fixtures import API_KEY, free_port
+    from tests.helpers.service import API_KEY, free_port
 
     port = free_port()
     env = dict(os.environ, GLASSES_VISION_API_KEYS=API_KEY, GLASSES_VISION_DEFAULT_MODEL_SOURCE=str(tiny_model_dir),
@@ -178,5 +178,3 @@ def _has_lora() -> bool:
         return False
     return "lora" in list_peft_methods()
 
-
-from tests.service_fixtures import home  # noqa: E402,F401  (fixture)

@@ -7,7 +7,7 @@ import httpx
 from service.core.config import DEFAULT_MODEL_ID
 from service.jobs.store import JobStore
 from service.main import create_app
-from tests.service_fixtures import AUTH, FakeDetector, home, make_settings, register_dummy_model, running_server  # noqa: F401
+from tests.helpers.service import AUTH, FakeDetector, make_settings, register_dummy_model, running_server
 
 
 def _spec(i: int) -> dict:

@@ -7,7 +7,7 @@ import time
 
 from service.jobs import supervisor as sup
 from service.jobs.store import JobStore
-from tests.service_fixtures import home, make_settings, wait_for  # noqa: F401
+from tests.helpers.service import make_settings, wait_for
 
 
 def test_dead_worker_fails_its_job_and_is_replaced_with_backoff(home, monkeypatch):

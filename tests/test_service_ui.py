@@ -34,7 +34,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from service.core.config import DEFAULT_MODEL_ID
 from service.jobs.spec import job_run_dir
 from service.main import create_app
-from tests.service_fixtures import API_KEY, AUTH, make_settings, running_server, wait_for
+from tests.helpers.service import API_KEY, AUTH, make_settings, running_server, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -1,4 +1,4 @@
-"""Small models and problems shared by the optimizer and memory tests."""
+"""Optimizer / memory test helpers: fixed random batches for ``TinyNet``, MSE steps, a regression problem, YOLO batches."""
 
 from __future__ import annotations
 
@@ -9,28 +9,14 @@ import torch
 from torch import nn
 
 
-class TinyNet(nn.Module):
-    """A Linear (matrix layout), a 3×3 conv (Tucker layout), a 1×1 conv (matrix layout) and 1-D tensors."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(6, 8, 3, padding=1)
-        self.point = nn.Conv2d(8, 5, 1, bias=False)
-        self.fc = nn.Linear(5 * 4 * 4, 7)
-
-    def forward(self, x):
-        x = torch.relu(self.conv(x))
-        x = self.point(x)
-        return self.fc(x.flatten(1))
-
-
 def tiny_batch(seed: int = 0, n: int = 4):
+    """Inputs and MSE targets for ``tests.helpers.models.TinyNet``."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 6, 4, 4, generator=g), torch.randn(n, 7, generator=g)
 
 
-def train_steps(model, opt, steps: int, seed: int = 0, closure_hook=None, scheduler=None):
-    """Run ``steps`` MSE steps on fixed random batches; returns the losses."""
+def mse_steps(model, opt, steps: int, seed: int = 0, closure_hook=None, scheduler=None):
+    """Run ``steps`` MSE steps of ``opt`` on fixed random ``tiny_batch`` batches; returns the losses."""
     losses = []
     for i in range(steps):
         x, y = tiny_batch(seed + i)
@@ -88,15 +74,3 @@ def yolo_batch(n: int = 2, imgsz: int = 64, seed: int = 0):
         "bboxes": torch.cat([xy, wh], 1),
     }
     return imgs, batch
-
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """One intra-op thread: these small ops run far slower with 2 threads on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

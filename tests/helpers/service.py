@@ -1,4 +1,4 @@
-"""Fixtures and helpers for the service tests (imported by tests/test_service_*.py)."""
+"""Service test helpers: settings, a fake detector, registered dummy models, zips, a real uvicorn server, polling."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from service.core.config import Settings
@@ -140,9 +139,3 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    path = tmp_path / "home"
-    path.mkdir()
-    return path

@@ -1,31 +1,13 @@
-"""Small helpers shared by the PEFT tests: tiny models, a few training steps, output comparison."""
+"""PEFT test helpers: images, a loss over every head output, a few SGD steps, output comparison."""
 
 from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 from torch import nn
 
-from models import DetectionModel
-
-IMGSZ = 128
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread for these small models: with 2 threads, a busy shared CPU makes
-    OpenMP workers spin and the same test runs 10x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_model(cfg: str = "yolo11n", nc: int = 3, seed: int = 0) -> DetectionModel:
-    torch.manual_seed(seed)
-    return DetectionModel(cfg, nc=nc, imgsz=IMGSZ)
+from tests.helpers.models import IMGSZ
 
 
 def images(n: int = 2, size: int = IMGSZ, seed: int = 1) -> torch.Tensor:
@@ -38,6 +20,7 @@ def loss_fn(out) -> torch.Tensor:
 
 
 def train_steps(model: nn.Module, steps: int = 2, size: int = 64, lr: float = 0.05) -> None:
+    """``steps`` SGD steps of a detector's trainable parameters on fixed random images, ending in eval mode."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr)
     model.train()
@@ -73,18 +56,3 @@ def quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args, **kwargs)
-
-
-class TinyNet(nn.Module):
-    """Conv (strided, dilated, with bias) + grouped conv + Linear: every layer kind LoRA meets."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=2, dilation=2, bias=True)
-        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
-        self.bn = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        x = self.bn(self.dw(self.conv(x))).relu()
-        return self.fc(x.mean(dim=(2, 3)))
