@@ -105,8 +105,21 @@ def test_new_classes_replace_the_class_predictor(tmp_path):
     other = DetectionModel("yolo11n", names=["a", "b"], imgsz=64)
     other.save(tmp_path / "other_base")
     result = train(tiny_config(tmp_path / "run", base=str(tmp_path / "other_base"), new_classes=True, max_steps=1))
-    assert result.status == "completed"
-    assert DetectionModel.load(tmp_path / "run" / "merged").names[5] == "food_label"
+    assert result.status == "completed" and result.steps == 1
+    names = yaml.safe_load(tiny_dataset().read_text())["names"]
+    names = dict(enumerate(names)) if isinstance(names, list) else {int(k): v for k, v in names.items()}
+    merged = DetectionModel.load(result.merged_dir)  # what the run saved, after training
+    assert merged.names == names and merged.nc == len(names) == 6
+    assert all(branch[-1].out_channels == 6 for branch in merged.model[-1].cv3)
+    with torch.no_grad():
+        out = merged.eval()(torch.rand(1, 3, 64, 64))
+    assert (out[0] if isinstance(out, (tuple, list)) else out).shape[1] == 4 + 6
+    # only the class predictor is new: every other weight is the base's, moved by one small optimizer step
+    base, trained = other.state_dict(), merged.state_dict()
+    replaced = {k for k in base if base[k].shape != trained[k].shape}
+    assert replaced and all(k.startswith("model.23.cv3.") and k.split(".")[4] == "2" for k in replaced), replaced
+    kept = [k for k in base if k not in replaced and base[k].is_floating_point() and "running_" not in k]
+    assert max(float((trained[k] - base[k]).abs().max()) for k in kept) < 1e-2
 
 
 def test_cli_train_and_eval(tmp_path, capsys):
