@@ -19,7 +19,7 @@ from models.errors import ConfigError
 from service.core.config import DEFAULT_MODEL_ID, Settings
 from service.core.errors import UnsupportedMediaError
 from service.core.images import decode_upload
-from service.core.inference import DetectorPool, FrameJob, MicroBatcher, batchable, run_frames
+from service.core.inference import Arrival, DetectorPool, FrameJob, MicroBatcher, batchable, run_frames
 from service.main import create_app
 from tests.helpers.service import FakeDetector, image_bytes, make_settings, register_dummy_model, wait_for
 
@@ -171,16 +171,32 @@ def test_a_lone_request_never_waits_and_batches_are_capped():
     async def many():
         pool = _pool(runtime, max_batch=2, wait_s=30.0)
         batcher = pool._loaded["m"].batcher
-        arrivals = [pool.arriving("m") for _ in range(5)]
-        tickets = [a.__enter__() for a in arrivals]
-        tasks = [asyncio.ensure_future(batcher.detect(_gray_job(i), t)) for i, t in enumerate(tickets)]
-        results = await asyncio.gather(*tasks)
-        for a in arrivals:
-            a.__exit__(None, None, None)
-        return results
+        tickets = [Arrival(pool, "m") for _ in range(5)]
+        return await asyncio.gather(*(batcher.detect(_gray_job(i), t) for i, t in enumerate(tickets)))
 
     results = asyncio.run(many())
     assert sorted(runtime.sizes) == [1, 2, 2] and [r.detections[0].class_id for r in results] == [0, 1, 2, 3, 4]
+
+
+def test_frames_that_start_together_are_split_across_cores():
+    runtime = RecordingRuntime(delay=0.05)
+
+    async def main(n: int, max_batch: int, parallel: int):
+        pool = _pool(runtime, max_batch=max_batch, wait_s=30.0)
+        batcher = pool._loaded["m"].batcher
+        batcher.parallel = parallel
+        tickets = [Arrival(pool, "m") for _ in range(n)]  # n requests on their way
+        results = await asyncio.gather(*(batcher.detect(_gray_job(i % 8), t) for i, t in enumerate(tickets)))
+        return [r.detections[0].class_id for r in results], [r.batch for r in results]
+
+    classes, batches = asyncio.run(main(4, max_batch=8, parallel=2))
+    assert sorted(runtime.sizes) == [2, 2] and classes == [0, 1, 2, 3] and batches == [2, 2, 2, 2]
+    runtime.sizes.clear()
+    asyncio.run(main(7, max_batch=2, parallel=2))
+    assert sorted(runtime.sizes) == [1, 2, 2, 2]  # the batch cap wins over the split
+    runtime.sizes.clear()
+    asyncio.run(main(3, max_batch=8, parallel=16))
+    assert runtime.sizes == [1, 1, 1]
 
 
 def test_the_wait_is_bounded_when_an_announced_request_never_comes():
@@ -206,7 +222,7 @@ def test_a_runtime_error_reaches_every_frame_of_the_batch_as_a_409():
     async def main():
         pool = _pool(Broken(), max_batch=8, wait_s=1.0)
         batcher = pool._loaded["m"].batcher
-        tickets = [pool.arriving("m").__enter__() for _ in range(2)]
+        tickets = [Arrival(pool, "m") for _ in range(2)]
         return await asyncio.gather(*(batcher.detect(_gray_job(i), t) for i, t in enumerate(tickets)),
                                     return_exceptions=True)
 

@@ -86,6 +86,11 @@ class Settings(BaseModel):
         description="most frames of concurrent detect requests for one model run as one ONNX batch (1: no batching; "
         "models exported with a fixed batch of 1 always run one frame at a time)",
     )
+    detect_batch_parallel: int = Field(
+        default_factory=lambda: max(1, os.cpu_count() or 1), ge=1, le=64,
+        description="frames that arrive together are split into up to this many batches run at once (one per core: "
+        "a batch runs in one thread), each at most detect_batch_size frames",
+    )
     detect_batch_wait_ms: float = Field(
         2.0, ge=0.0, le=50.0,
         description="how long a frame waits for others of the same model to join its batch; only while more detect "
