@@ -214,6 +214,43 @@ def test_the_wait_is_bounded_when_an_announced_request_never_comes():
     assert 0.15 < waited < 5.0 and runtime.sizes == [1]
 
 
+def test_a_cancelled_request_leaves_the_queue_or_waits_for_its_running_frame():
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    class Gated(RecordingRuntime):
+        def raw(self, batch):
+            started.set()
+            release.wait(10)
+            return super().raw(batch)
+
+    runtime = Gated()
+
+    async def main():
+        pool = _pool(runtime, max_batch=8, wait_s=30.0)
+        batcher = pool._loaded["m"].batcher
+        waiting_for = Arrival(pool, "m")  # someone else is on the way: the frame waits in the queue
+        queued = asyncio.ensure_future(batcher.detect(_gray_job(1), Arrival(pool, "m")))
+        await asyncio.sleep(0.05)
+        queued.cancel()
+        await asyncio.gather(queued, return_exceptions=True)
+        assert batcher._pending == [] and runtime.sizes == []  # it never runs
+        waiting_for.leave()
+
+        running = asyncio.ensure_future(batcher.detect(_gray_job(2), Arrival(pool, "m")))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        running.cancel()
+        await asyncio.sleep(0.1)
+        still_waiting = not running.done()  # it holds on (and so would its slot) while its frame runs
+        release.set()
+        await asyncio.gather(running, return_exceptions=True)
+        return still_waiting, running.cancelled()
+
+    assert asyncio.run(main()) == (True, True)
+    assert runtime.sizes == [1]
+
+
 def test_a_runtime_error_reaches_every_frame_of_the_batch_as_a_409():
     class Broken(RecordingRuntime):
         def raw(self, batch):

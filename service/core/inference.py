@@ -175,10 +175,15 @@ class MicroBatcher:
             arrival.leave(poke=False)
         self.poke()
         try:
-            return await slot.future
+            return await asyncio.shield(slot.future)
         except asyncio.CancelledError:
-            if slot in self._pending:  # the client went away before its batch started
+            if slot in self._pending:  # cancelled before its batch started: it never runs
                 self._pending.remove(slot)
+                raise
+            # its batch is running: keep the request (and its slot, which bounds decodes) until the frame is done,
+            # as a cancelled thread call would
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([slot.future])
             raise
 
     def poke(self) -> None:
