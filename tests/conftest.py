@@ -1,7 +1,7 @@
 """Shared test setup and every shared fixture: offline ultralytics, one thread, deterministic seeds, small generated data.
 
 Plain helpers (models, batches, servers) live in ``tests/helpers/``; fixtures live here only.
-Tests taking more than ~10 s carry ``@pytest.mark.slow``: the default run includes them; ``-m "not slow"`` skips them.
+Tests taking ~6 s or more (2 shared cores) carry ``@pytest.mark.slow``: the default run includes them; ``-m "not slow"`` skips them.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -12,6 +13,7 @@ from tests.helpers.recipe import ddp_worker, tiny_config
 from training.recipe import train
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     settings = dict(max_steps=3, augment=False)
     threads = torch.get_num_threads()

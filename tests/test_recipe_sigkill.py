@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.helpers.recipe import tiny_config
@@ -27,6 +28,7 @@ def _last_step(run: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkilled_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
     run = tmp_path / "run"
     config = tiny_config(run, max_steps=200, epochs=50, save_every=1)

@@ -35,6 +35,7 @@ def test_run_writes_every_output(tmp_path):
     assert kinds[0] == "start" and kinds[-1] == "end" and "eval" in kinds and kinds.count("step") == 3
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     # augmentation on, EMA on, and the stop falls mid-epoch (4 steps per epoch, 6 in all)
     settings = dict(max_steps=6, epochs=2, augment=True, ema=True)

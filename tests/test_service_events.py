@@ -249,6 +249,7 @@ def test_the_api_process_does_not_import_torch(tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+@pytest.mark.slow
 def test_events_of_a_real_training_job(home):
     """A real worker process trains: the stream carries the recipe's loss, lr and an ETA live; cancelling the job
     ends the stream (no export, so the test stays short)."""

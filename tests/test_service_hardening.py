@@ -274,6 +274,7 @@ print(json.dumps({"good": good.status_code, "bad": [bad.status_code, bad.json()[
 """
 
 
+@pytest.mark.slow
 def test_07_job_submission_never_imports_torch_in_the_api_process(home):
     import subprocess
 
@@ -302,6 +303,7 @@ def test_08_openapi_validates_refs_resolve_and_detect_key_is_optional(client):
     assert "400" in detect["responses"] and "400" in doc["paths"]["/v1/jobs"]["post"]["responses"]
 
 
+@pytest.mark.slow
 def test_08_schemathesis_generated_requests_never_get_a_500(home, data_root):
     """Requests generated from the OpenAPI document (bodies included: the job body's refs must resolve)."""
     import schemathesis

@@ -37,6 +37,7 @@ def test_train_config_mapping():
     assert values["resume"] == "/runs/j" and values["out"] == "/runs/j" and values["quiet"] is True
 
 
+@pytest.mark.slow
 def test_stop_resume_export_register(home):
     from training.data.synthetic import generate_dataset
 

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 from tests.helpers.service import free_port, wait_for
@@ -68,6 +69,7 @@ def _rss(pid: int, field: str = "VmRSS") -> int:
     raise AssertionError(field)
 
 
+@pytest.mark.slow
 def test_02_peak_rss_under_8_concurrent_worst_case_uploads(tmp_path):
     onnx_file = tmp_path / "constant.onnx"
     write_constant_detector(onnx_file)
@@ -115,6 +117,7 @@ def test_02_peak_rss_under_8_concurrent_worst_case_uploads(tmp_path):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_load_20_clients_x_50_detects_keeps_rss_flat(tmp_path):
     """20 concurrent clients x 50 detects: no errors but documented 429/503, RSS at request 1000 within 10 % of
     its value at request 200 (after the warm-up the session's arenas are allocated and reused)."""

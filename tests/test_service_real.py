@@ -70,6 +70,7 @@ def _job_state(url: str, job_id: str) -> dict:
     return httpx.get(f"{url}/v1/jobs/{job_id}", headers=AUTH, timeout=10).json()
 
 
+@pytest.mark.slow
 def test_uvicorn_end_to_end(home, tiny_onnx):
     """Real uvicorn + httpx: 20 concurrent detects; jobs: cancel, a worker crash, a real job to a served model."""
     from training.data.synthetic import generate_dataset
@@ -133,6 +134,7 @@ def test_uvicorn_end_to_end(home, tiny_onnx):
         assert 'route="/v1/detect",status="200"} 22' in metrics
 
 
+@pytest.mark.slow
 def test_glasses_vision_serve_command(home, tiny_model_dir):
     """The CLI entry point on a fresh home: exports the default model on first start (cached in the registry),
     serves it on loopback, stops cleanly on Ctrl-C."""

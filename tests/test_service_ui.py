@@ -132,6 +132,7 @@ def _set_slider(driver, value: str) -> None:
         "s.dispatchEvent(new Event('input', {bubbles: true}));", value)
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_the_page_draws_the_boxes_that_detect_returns(page_server, browser, tmp_path):
     from training.data.synthetic import render_frame
@@ -189,6 +190,7 @@ def _train_line(step: int, loss: float) -> str:
                        "time_s": 5.0 + 0.5 * step}) + "\n"
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_the_jobs_tab_draws_a_live_loss_curve(page_server, browser, tmp_path):
     app, settings, url = page_server
