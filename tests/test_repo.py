@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from service.layers.peft import has_peft_layers
+import torch
+
+from models import DetectionModel
+from service.layers.peft import apply_bitfit, apply_lora, has_peft_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,5 +35,20 @@ def test_readme_python_example_runs_as_written(tmp_path, capsys):
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     model = namespace["model"]
     assert not has_peft_layers(model)  # merged back to plain layers
+    plain = DetectionModel(nc=80)
+    assert model.state_dict().keys() == plain.state_dict().keys()  # no adapter tensor left behind
     model.save(tmp_path / "merged")
-    assert "trainable" in capsys.readouterr().out.lower()
+    reloaded = DetectionModel.load(tmp_path / "merged")
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+    # the printed table counts what the example made trainable: LoRA in the backbone + every bias
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.startswith("| **total** |"))
+    n_params, n_trainable = (int(c.strip().replace(",", "")) for c in total.strip("|").split("|")[1:3])
+    apply_lora(plain.backbone, rank=8)
+    apply_bitfit(plain)
+    assert n_trainable == sum(p.numel() for p in plain.parameters() if p.requires_grad) > 0
+    assert n_params == sum(p.numel() for p in plain.parameters())
+    backbone = next(line for line in out.splitlines() if line.startswith("| backbone |"))
+    neck = next(line for line in out.splitlines() if line.startswith("| neck |"))
+    assert int(backbone.split("|")[3].strip().replace(",", "")) > int(neck.split("|")[3].strip().replace(",", "")) > 0
