@@ -86,13 +86,15 @@ def _free_port() -> int:
 
 
 def _start_server(home: Path, port: int, threads: int, concurrency_limit: int, batch_size: int | None = None,
-                  batch_wait_ms: float | None = None) -> subprocess.Popen:
+                  batch_wait_ms: float | None = None, batch_parallel: int | None = None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), GLASSES_VISION_INFERENCE_THREADS=str(threads),
                GLASSES_VISION_MAX_CONCURRENT_INFERENCE=str(concurrency_limit), GLASSES_VISION_API_KEYS="bench")
     if batch_size is not None:
         env["GLASSES_VISION_DETECT_BATCH_SIZE"] = str(batch_size)
     if batch_wait_ms is not None:
         env["GLASSES_VISION_DETECT_BATCH_WAIT_MS"] = str(batch_wait_ms)
+    if batch_parallel is not None:
+        env["GLASSES_VISION_DETECT_BATCH_PARALLEL"] = str(batch_parallel)
     cmd = [sys.executable, "-m", "service.cli", "serve", "--home", str(home), "--port", str(port), "--workers", "0",
            "--log-level", "warning"]
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="the batching server's detect_batch_size "
                         "(default: the Settings default)")
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="its detect_batch_wait_ms (default: Settings)")
+    parser.add_argument("--batch-parallel", type=int, default=None, help="its detect_batch_parallel (default: Settings)")
     parser.add_argument("--profile", default=None, help="also py-spy the batching server over --requests sequential "
                         "requests and write the breakdown (and the raw samples next to it)")
     parser.add_argument("--out", default=None, help="also write the results table (markdown) here")
@@ -196,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Settings.model_fields
     batch_size = args.batch_size or defaults["detect_batch_size"].default
     batch_wait = args.batch_wait_ms if args.batch_wait_ms is not None else defaults["detect_batch_wait_ms"].default
+    parallel = args.batch_parallel or (defaults["detect_batch_parallel"].default_factory()
+                                       if "detect_batch_parallel" in defaults else 1)
     profile_text = None
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name, size in (("http batched", batch_size), ("http unbatched", 1)):
                 port = _free_port()
-                servers[name] = _start_server(home, port, args.threads, max_c, size, batch_wait)
+                servers[name] = _start_server(home, port, args.threads, max_c, size, batch_wait, parallel)
                 clients[name] = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
                                              limits=httpx.Limits(max_connections=max_c * 2))
             for name in servers:
@@ -308,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}, onnxruntime threads per session: {args.threads}; "
         f"frame {width}x{height} JPEG ({len(jpeg)} bytes) sent as {args.body} body by {args.client}, model input "
         f"{detector.imgsz[0]}x{detector.imgsz[1]}, {args.requests} requests x {args.rounds} interleaved rounds, medians; "
-        f"batching server: detect_batch_size {batch_size}, detect_batch_wait_ms {batch_wait:g}. "
+        f"batching server: detect_batch_size {batch_size}, detect_batch_wait_ms {batch_wait:g}, "
+        f"detect_batch_parallel {parallel}. "
         f"Load average (1 min) before: {load_before:.2f}, after each round: "
         f"{', '.join(f'{v:.2f}' for v in loads)}.",
         "",
