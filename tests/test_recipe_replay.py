@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.errors import ConfigError
-from recipe_fixtures import tiny_config, tiny_dataset
+from tests.helpers.recipe import tiny_config, tiny_dataset
 from training.config import TrainConfig
 from training.recipe import GlobalBatchSampler, train
 
