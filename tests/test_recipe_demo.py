@@ -1,4 +1,4 @@
-"""The demo's pipeline on a few frames: base before -> LoRA + COAP + checkpointing -> after, outputs under --out."""
+"""The demo's pipeline on a few frames: base before -> full FT + COAP + checkpointing -> after, outputs under --out."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from service.commands.demo import run_demo
 def test_demo_pipeline_small(tmp_path):
     s = run_demo(tmp_path / "demo", frames=24, val_frames=8, steps=2, batch=4, export=True, quiet=True)
     assert s["frames"] == {"train": 16, "val": 8, "imgsz": 128}
-    assert s["steps"] == 2 and 0 < s["trainable_percent"] < 20
+    assert s["steps"] == 2 and s["trainable_percent"] > 99
     # the adapted model's score is the merged model's score on the same val split
     from models.detection import DetectionModel
     from training.evaluate import evaluate
@@ -21,15 +21,15 @@ def test_demo_pipeline_small(tmp_path):
     merged = DetectionModel.load(tmp_path / "demo" / "run" / "merged")
     again = evaluate(merged, tmp_path / "demo" / "data" / "data.yaml", split="val", imgsz=128, batch=32)
     assert s["map50_95_after"] == pytest.approx(again["map50_95"], abs=1e-4)
-    # exact bytes: LoRA + COAP + checkpointing needs less than full fine-tuning with AdamW
-    assert 0 < s["training_bytes"] < s["full_fine_tuning_bytes"]
+    # exact bytes: COAP's projected moments + checkpointing need far less than full fine-tuning with AdamW
+    assert 0 < s["training_bytes"] < 0.6 * s["full_fine_tuning_bytes"]
     assert s["memory_ratio_to_full_ft"] == pytest.approx(s["training_bytes"] / s["full_fine_tuning_bytes"], abs=1e-3)
     assert s["gap_closed"] is None  # 24 frames are not the benchmark's val set: no ceiling applies
     run = tmp_path / "demo" / "run"
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["steps"] == 2
     cfg = json.loads((run / "summary.json").read_text())["config"]
-    assert (cfg["peft"], cfg["optimizer"]) == ("lora", "coap") and cfg["grad_checkpoint"] == demo.SETUP["grad_checkpoint"]
-    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "merged" / "model.safetensors").is_file()
+    assert (cfg["peft"], cfg["optimizer"]) == ("none", "coap") and cfg["grad_checkpoint"] == demo.SETUP["grad_checkpoint"]
+    assert (run / "merged" / "model.safetensors").is_file()
     assert "activations saved for backward" in (run / "memory.txt").read_text()
     assert s["export"]["verified"] and (run / "model.onnx").is_file()
     from PIL import Image
