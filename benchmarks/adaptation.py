@@ -75,10 +75,10 @@ SETUPS: tuple[Setup, ...] = (
           mergeable=False),
     Setup("full-adamw", "full FT, AdamW", {"lr": FULL_LR}, main=True),
     Setup("full-coap", "full FT, COAP", {**COAP, "lr": FULL_LR}),
-    Setup("full-coap-ckpt", "full FT, COAP + checkpointing", {**COAP, **CKPT, "lr": FULL_LR}, main=True),
+    Setup("full-coap-ckpt", "full FT, COAP + checkpointing (the demo's)", {**COAP, **CKPT, "lr": FULL_LR}, main=True),
     Setup("full-coap8", "full FT, COAP-8bit", {"optimizer": "coap8bit", "lr": FULL_LR}),
     Setup("full-coap8-ckpt", "full FT, COAP-8bit + checkpointing", {"optimizer": "coap8bit", **CKPT, "lr": FULL_LR}),
-    Setup("lora-coap-ckpt", "LoRA r=8 + COAP + checkpointing (the demo's)", {**LORA, **COAP, **CKPT, "lr": PEFT_LR},
+    Setup("lora-coap-ckpt", "LoRA r=8 + COAP + checkpointing", {**LORA, **COAP, **CKPT, "lr": PEFT_LR},
           main=True),
     Setup("lora-neck-head-coap-ckpt", "LoRA r=8 on neck + head + COAP + checkpointing",
           {**LORA, **COAP, "grad_checkpoint": ["neck", "head"], "peft_settings": {"targets": ["neck", "head"]},
@@ -376,14 +376,14 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
         if best:
             share = best["target"] / full["target"]
             lines.append(f"- best setup at <= 0.35x full-FT bytes: {best['setup'].name} ({best['bytes_ratio']:.2f}x) "
-                         f"reaches {100 * share:.0f}% of full FT's target mAP50-95: "
+                         f"reaches {100 * share:.1f}% of full FT's target mAP50-95: "
                          f"{'met' if share >= 0.95 else 'missed'} (goal 95%)")
         peft = [r for r in rows if r["setup"].kind == "recipe" and r["trainable"] <= 10 and r["setup"].mergeable
                 and "replay" not in r["setup"].name]
         best_peft = max(peft, key=lambda r: r["target"], default=None)
         if best_peft:
             share = best_peft["target"] / full["target"]
-            lines.append(f"- best PEFT setup (<= 10% trainable): {best_peft['setup'].name} reaches {100 * share:.0f}% "
+            lines.append(f"- best PEFT setup (<= 10% trainable): {best_peft['setup'].name} reaches {100 * share:.1f}% "
                          f"of full FT: {'met' if share >= 0.95 else 'missed'} (goal 95%)")
             if best_peft["gap_closed"] is not None:
                 lines.append(f"- gap closed by it: {100 * best_peft['gap_closed']:.0f}%: "

@@ -52,7 +52,7 @@ def test_quick_run_writes_report_plot_and_cache_then_resumes(bench, tmp_path, mo
     assert 0 < lora["bytes"] < full["bytes"]  # checkpointing + a frozen base: fewer exact bytes
     assert lora["adapter_bytes"] > 0
     text = (out / "adaptation.md").read_text()
-    assert "| LoRA r=8 + COAP + checkpointing (the demo's) |" in text and "## Goals" in text
+    assert "| LoRA r=8 + COAP + checkpointing |" in text and "## Goals" in text
     assert "not mergeable" in text and "In-domain ceiling" in text
     assert (out / "adaptation.png").stat().st_size > 10_000
 
