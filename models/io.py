@@ -10,13 +10,18 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+def atomic_write_bytes(path: str | Path, data: bytes, private: bool = False) -> Path:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
+
+    ``private=True`` keeps the file mode 0600 from its first byte (secrets); otherwise it gets the usual
+    permissions (0666 minus the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        if not private:
+            os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -34,9 +39,9 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Atomically write UTF-8 text."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | Path, text: str, private: bool = False) -> Path:
+    """Atomically write UTF-8 text (``private``: mode 0600 from the first byte)."""
+    return atomic_write_bytes(path, text.encode("utf-8"), private=private)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:

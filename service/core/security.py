@@ -5,9 +5,9 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-import tempfile
 from pathlib import Path
 
+from models.io import atomic_write_text
 from service.core.config import Settings
 
 API_KEY_HEADER = "X-API-Key"
@@ -36,17 +36,7 @@ def prepare_home(settings: Settings) -> None:
 
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` atomically to a file that is mode 0600 from its first byte (never readable by others)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text, private=True)
 
 
 def key_is_valid(presented: str | None, keys: list[str]) -> bool:
