@@ -94,3 +94,13 @@ def home(tmp_path: Path) -> Path:
     path = tmp_path / "home"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def client(home: Path):
+    """A ready TestClient on a service in ``home`` (dummy default model, FakeDetector)."""
+    from tests.helpers.service import make_client, wait_for
+
+    with make_client(home) as c:
+        wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="readyz")
+        yield c

@@ -20,6 +20,7 @@ from PIL import Image
 from service.core.config import DEFAULT_MODEL_ID, Settings
 from service.main import create_app
 from tests.helpers.service import (
+    make_client,
     API_KEY,
     AUTH,
     FakeDetector,
@@ -31,19 +32,6 @@ from tests.helpers.service import (
 )
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
-def _client(home, loader=None, **overrides) -> TestClient:
-    register_dummy_model(home, DEFAULT_MODEL_ID, classes=["thing"], imgsz=64)
-    app = create_app(make_settings(home, **overrides), detector_loader=loader or (lambda p: FakeDetector(p)))
-    return TestClient(app, raise_server_exceptions=False)
-
-
-@pytest.fixture
-def client(home):
-    with _client(home) as c:
-        wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="readyz")
-        yield c
 
 
 def _assert_error(resp, status, *words):
@@ -77,7 +65,7 @@ def test_readyz_is_503_until_the_default_model_loads(home):
         gate.wait(10)
         return FakeDetector(path)
 
-    with _client(home, loader=slow_loader) as c:
+    with make_client(home, loader=slow_loader) as c:
         _assert_error(c.get("/readyz"), 503, "still being exported or loaded")
         assert c.get("/healthz").status_code == 200  # liveness is separate
         _assert_error(c.post("/v1/detect", files={"image": ("a.png", image_bytes(), "image/png")}), 503, "/readyz")
@@ -157,7 +145,7 @@ def test_detect_not_an_image_is_415_and_corrupt_is_422(client):
 
 
 def test_detect_upload_limits_are_413(home):
-    with _client(home, max_upload_bytes=50_000, max_image_pixels=100 * 100) as c:
+    with make_client(home, max_upload_bytes=50_000, max_image_pixels=100 * 100) as c:
         big = b"\x00" * 60_000
         _assert_error(c.post("/v1/detect", files={"image": ("a.png", big, "image/png")}), 413, "limit")
         _assert_error(c.post("/v1/detect", json={"image_base64": base64.b64encode(big).decode()}), 413, "limit")
@@ -174,7 +162,7 @@ def test_detect_upload_limits_are_413(home):
 
 def test_detect_concurrency_limit_is_429(home):
     gate = threading.Event()
-    with _client(home, loader=lambda p: FakeDetector(p, gate=gate), max_concurrent_inference=1) as c:
+    with make_client(home, loader=lambda p: FakeDetector(p, gate=gate), max_concurrent_inference=1) as c:
         wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="ready")
         results = {}
         t = threading.Thread(target=lambda: results.setdefault(
@@ -199,7 +187,7 @@ def test_loading_a_model_does_not_block_other_requests(home):
             gate.wait(10)
         return FakeDetector(path)
 
-    with _client(home, loader=loader) as c:
+    with make_client(home, loader=loader) as c:
         wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="ready")
         slow = {}
         t = threading.Thread(target=lambda: slow.setdefault("r", c.post(
@@ -222,7 +210,7 @@ def test_sessions_are_loaded_once_and_reused(home):
         loads.append(path)
         return FakeDetector(path)
 
-    with _client(home, loader=loader) as c:
+    with make_client(home, loader=loader) as c:
         wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="ready")
         for _ in range(5):
             assert c.post("/v1/detect", files={"image": ("a.png", image_bytes(), "image/png")}).status_code == 200
@@ -230,7 +218,7 @@ def test_sessions_are_loaded_once_and_reused(home):
 
 
 def test_inference_can_require_the_key(home):
-    with _client(home, inference_requires_key=True) as c:
+    with make_client(home, inference_requires_key=True) as c:
         wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="ready")
         files = {"image": ("a.png", image_bytes(), "image/png")}
         _assert_error(c.post("/v1/detect", files=files), 401, "X-API-Key")
@@ -383,7 +371,7 @@ def test_bad_zip_uploads_are_refused_and_leave_nothing(client, home, files, data
 
 
 def test_zip_upload_size_limit_is_413(home):
-    with _client(home, max_dataset_zip_bytes=2_000) as c:
+    with make_client(home, max_dataset_zip_bytes=2_000) as c:
         resp = c.post("/v1/jobs", headers=AUTH, files={"dataset": ("d.zip", yolo_zip(n_images=4), "application/zip")})
         _assert_error(resp, 413)
 
@@ -428,7 +416,7 @@ def test_a_model_that_cannot_load_or_run_is_409_not_500(home):
             raise RuntimeError("INVALID_PROTOBUF")
         return Crashes(path) if "crashes" in str(path) else FakeDetector(path)
 
-    with _client(home, loader=loader) as c:
+    with make_client(home, loader=loader) as c:
         files = {"image": ("a.png", image_bytes(), "image/png")}
         _assert_error(c.post("/v1/detect?model=broken", files=files), 409, "cannot be loaded", "INVALID_PROTOBUF")
         _assert_error(c.post("/v1/detect?model=crashes", files=files), 409, "failed on this image")

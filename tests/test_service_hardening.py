@@ -22,6 +22,7 @@ from PIL import Image
 from service.core.config import DEFAULT_MODEL_ID, Settings
 from service.main import create_app
 from tests.helpers.service import (
+    make_client,
     AUTH,
     FakeDetector,
     image_bytes,
@@ -30,19 +31,6 @@ from tests.helpers.service import (
     running_server,
     wait_for,
 )
-
-
-def _client(home, loader=None, **overrides) -> TestClient:
-    register_dummy_model(home, DEFAULT_MODEL_ID, classes=["thing"], imgsz=64)
-    app = create_app(make_settings(home, **overrides), detector_loader=loader or (lambda p: FakeDetector(p)))
-    return TestClient(app, raise_server_exceptions=False)
-
-
-@pytest.fixture
-def client(home):
-    with _client(home) as c:
-        wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="readyz")
-        yield c
 
 
 @pytest.fixture
@@ -194,7 +182,7 @@ def test_04_paths_are_absolute_and_readiness_fails_when_a_worker_polls_another_d
         return real(s.model_copy(update={"home": home / "other-home"}))
 
     monkeypatch.setattr(sup, "worker_command", elsewhere)
-    with _client(home, job_workers=1) as c:
+    with make_client(home, job_workers=1) as c:
         time.sleep(3)
         resp = c.get("/readyz")
         _error(resp, 503, "has not polled the service's job database")
@@ -309,7 +297,7 @@ def test_08_schemathesis_generated_requests_never_get_a_500(home, data_root):
     import schemathesis
     from hypothesis import HealthCheck, given, settings as hsettings
 
-    with _client(home) as c:
+    with make_client(home) as c:
         wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="readyz")
         schema = schemathesis.openapi.from_asgi("/openapi.json", c.app)
         failures, calls = [], []
@@ -352,7 +340,7 @@ def test_09_slow_body_gets_408_and_holds_no_inference_slot(home):
 def test_10_requests_beyond_the_limit_wait_in_a_bounded_queue(home):
     gate = threading.Event()
     frame = {"image": ("a.png", image_bytes(), "image/png")}
-    with _client(home, loader=lambda p: FakeDetector(p, gate=gate), max_concurrent_inference=1,
+    with make_client(home, loader=lambda p: FakeDetector(p, gate=gate), max_concurrent_inference=1,
                  inference_queue=1, inference_queue_timeout_s=5) as c:
         wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="ready")
         results = {}
@@ -374,7 +362,7 @@ def test_10_requests_beyond_the_limit_wait_in_a_bounded_queue(home):
 def test_10_a_request_that_waits_too_long_gets_503(home):
     gate = threading.Event()
     frame = {"image": ("a.png", image_bytes(), "image/png")}
-    with _client(home, loader=lambda p: FakeDetector(p, gate=gate), max_concurrent_inference=1,
+    with make_client(home, loader=lambda p: FakeDetector(p, gate=gate), max_concurrent_inference=1,
                  inference_queue=1, inference_queue_timeout_s=0.5) as c:
         wait_for(lambda: c.get("/readyz").status_code == 200, 10, what="ready")
         t = threading.Thread(target=lambda: c.post("/v1/detect", files=frame))
@@ -404,7 +392,7 @@ def test_11_active_jobs_per_key_and_uploaded_bytes_are_capped(home, data_root):
     from service.api.deps import key_owner
     from tests.helpers.service import yolo_zip
 
-    with _client(home, max_active_jobs_per_key=2, max_active_dataset_bytes=1000) as c:
+    with make_client(home, max_active_jobs_per_key=2, max_active_dataset_bytes=1000) as c:
         store = c.app.state.store
         owner = key_owner(AUTH["X-API-Key"])
         for _ in range(2):

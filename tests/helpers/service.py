@@ -139,3 +139,14 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
+
+def make_client(home: Path, loader=None, **overrides):
+    """A TestClient on a service in ``home`` serving a dummy default model (``FakeDetector`` unless ``loader``)."""
+    from fastapi.testclient import TestClient
+
+    from service.core.config import DEFAULT_MODEL_ID
+    from service.main import create_app
+
+    register_dummy_model(home, DEFAULT_MODEL_ID, classes=["thing"], imgsz=64)
+    app = create_app(make_settings(home, **overrides), detector_loader=loader or (lambda p: FakeDetector(p)))
+    return TestClient(app, raise_server_exceptions=False)
