@@ -203,7 +203,7 @@ def main(argv=None) -> int:
              **{label: r.size_bytes for label, r in reports.items()}}
     fmt_load = lambda la: ", ".join(f"{v:.2f}" for v in la)  # noqa: E731
     lines = [
-        f"command: nice -n 5 python benchmarks/export.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
+        f"command: python benchmarks/export.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()}; "
         f"torch {torch.__version__}, onnxruntime {importlib.metadata.version('onnxruntime')}",
         f"load average (1, 5, 15 min): {fmt_load(load_before)} before, {fmt_load(load_after)} after "
