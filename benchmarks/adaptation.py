@@ -322,7 +322,7 @@ def run_ceiling(data: dict[str, Path], scale: Scale, base: str, out: Path, quiet
 # ---------------------------------------------------------------------------- the report
 def summarize(setups: list[Setup], results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per setup: means and spreads over its seeds, ratios to full FT, gap closed."""
-    zero = _mean(results.get("zero-shot/0", {}), "target_map50_95")
+    zero = results.get("zero-shot/0", {}).get("target_map50_95")
     ceiling = results.get("ceiling", {}).get("target_map50_95")
     full_bytes = _first(results, "full-adamw", "bytes")
     rows = []
@@ -342,10 +342,6 @@ def summarize(setups: list[Setup], results: dict[str, Any]) -> list[dict[str, An
             and ceiling > zero and s.kind != "zero-shot" else None
         rows.append(row)
     return rows
-
-
-def _mean(run: dict, key: str):
-    return run.get(key)
 
 
 def _first(results: dict, name: str, key: str):
