@@ -20,6 +20,7 @@ from service.layers.peft import (
     apply_bitfit,
     apply_lora,
     apply_peft,
+    find_peft_state,
     has_peft_layers,
     is_mergeable,
     is_peft_layer,
@@ -145,15 +146,45 @@ def test_is_peft_layer():
     assert has_peft_layers(model)
 
 
+def _trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_full_fine_tuning_saves_and_reloads_through_the_adapter_files(tmp_path):
     model = make_model()
     apply_peft(model, "full")
+    everything_but_dfl = {n for n, _ in model.named_parameters() if ".dfl." not in n}
+    assert _trainable_names(model) == everything_but_dfl and find_peft_state(model).full_fine_tuning
     train_steps(model, steps=1)
     save_adapter(model, tmp_path / "full")
     desc = read_adapter_config(tmp_path / "full")
-    assert desc["method"] is None and "full" in desc["methods"] and len(desc["trainable"]) == len(list(model.parameters()))
+    assert desc["method"] is None and desc["methods"]["full"]["exclude"] == ["DFL"]
+    assert set(desc["trainable"]) == everything_but_dfl
     fresh = make_model()
     load_adapter(fresh, tmp_path / "full")
     x = torch.rand(1, 3, 128, 128)
     assert torch.equal(logits(fresh, x), logits(model, x))
-    assert all(p.requires_grad for p in fresh.parameters())
+    assert _trainable_names(fresh) == everything_but_dfl
+
+
+def test_full_fine_tuning_of_parts_keeps_the_dfl_projection_fixed():
+    """The recipe's full fine-tuning is this method: chosen parts train, ultralytics' fixed DFL decoder never does."""
+    model = make_model()
+    dfl = model.model[-1].dfl.conv.weight.detach().clone()
+    apply_peft(model, "full", targets=["head"])
+    assert {model.part_of(n) for n in _trainable_names(model)} == {"head"}
+    assert not model.model[-1].dfl.conv.weight.requires_grad
+    train_steps(model, steps=1)
+    assert torch.equal(model.model[-1].dfl.conv.weight, dfl)
+
+    model = make_model()
+    apply_peft(model, "full", targets=["backbone"], train_class_branch=True)  # a new class predictor learns too
+    head = {n for n in _trainable_names(model) if model.part_of(n) == "head"}
+    assert head and all(n.startswith("model.23.cv3.") for n in head)
+
+    model = make_model()
+    apply_peft(model, "full", exclude=[])  # nothing excluded: the DFL projection trains as well
+    assert _trainable_names(model) == {n for n, _ in model.named_parameters()}
+    assert not find_peft_state(make_model()) and not find_peft_state(apply_peft(make_model(), "lora", targets=["model.5.conv"])).full_fine_tuning
+    with pytest.raises(ConfigError, match="unknown FullConfig setting"):
+        apply_peft(make_model(), "full", rank=4)

@@ -53,6 +53,11 @@ def test_every_field_is_documented_with_a_default():
         ({"in_backward": True, "accumulate": 4, "grad_clip": None}, "accumulate"),
         ({"in_backward": True, "accumulate": 1, "grad_clip": 10.0}, "clip"),
         ({"peft": "adapters"}, "cannot be merged"),  # a run must end with merged weights for export
+        ({"peft": "lorax"}, "unknown PEFT method 'lorax'; known: none, adapters"),
+        ({"peft": "lora", "peft_settings": {"bogus": 1}}, r"lora does not take \['bogus'\]"),
+        ({"peft": "none", "peft_settings": {"rank": 4}}, r"none does not take \['rank'\]; it takes exclude, targets"),
+        ({"peft": "lora", "peft_settings": {"bn_stats": "thaw"}}, "bn_stats must be one of update, freeze"),
+        ({"peft": "adapters", "new_classes": True}, "cannot be merged"),
     ],
 )
 def test_validation_errors_name_the_setting(changes, words):
@@ -83,3 +88,13 @@ def test_cli_flags_override_the_file(tmp_path):
                                       "--set", "ema=true"])
     cfg = config_from_args(args)
     assert (cfg.data, cfg.batch, cfg.epochs, cfg.grad_checkpoint, cfg.ema) == ("a.yaml", 4, 2, ["backbone", "neck"], True)
+
+
+def test_peft_arguments_are_what_apply_peft_receives():
+    cfg = TrainConfig(data="x.yaml", peft="none", new_classes=True, peft_settings={"targets": ["head"]})
+    assert cfg.peft_method == "full" and cfg.full_fine_tuning
+    assert cfg.peft_arguments() == {"train_class_branch": True, "targets": ["head"]}
+    lora = TrainConfig(data="x.yaml", peft="lora", rank=4, alpha=8.0, peft_settings={"use_rslora": True})
+    assert lora.peft_method == "lora" and not lora.full_fine_tuning
+    assert lora.peft_arguments() == {"rank": 4, "alpha": 8.0, "use_rslora": True}
+    assert TrainConfig(data="x.yaml", peft="bitfit", rank=4).peft_arguments() == {}

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from models import DetectionModel
 from models.errors import ConfigError
 from tests.helpers.recipe import tiny_config, tiny_dataset
 from training.config import TrainConfig
@@ -92,13 +90,33 @@ def test_augment_settings_reach_the_dataset_and_bad_ones_are_refused(tmp_path):
         tiny_config(tmp_path, augment_settings={"mosiac": 0.5}).validate()
 
 
-def test_peft_full_trains_every_weight_and_finishes_from_the_cli(tmp_path):
-    """``--peft full`` used to fail after training: the run saved an adapter that did not exist."""
+@pytest.mark.parametrize("flags, trained_parts", [
+    (["--peft", "full"], {"backbone", "neck", "head"}),
+    (["--peft", "none", "--set", "peft_settings={targets: [head]}"], {"head"}),
+])
+def test_full_fine_tuning_from_the_cli_goes_through_apply_peft(tmp_path, flags, trained_parts, monkeypatch, capsys):
+    """``--peft full`` used to fail after training: the run saved an adapter that did not exist. Full fine-tuning is
+    now the registry's ``full`` method: the chosen parts train, the DFL projection stays fixed, no adapter is written."""
+    import json
+
+    from service.cli import main
+    from service.layers import peft
+
+    applied = []
+    monkeypatch.setattr("training.recipe.apply_peft", lambda model, method, **kw: applied.append((method, kw))
+                        or peft.apply_peft(model, method, **kw))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "service.cli", "train", "--data", str(tiny_dataset()), "--base", "yolo11n",
-           "--peft", "full", "--imgsz", "64", "--batch", "4", "--max-steps", "1", "--eval-every", "0", "--out", str(out),
-           "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code = main(["train", "--data", str(tiny_dataset()), "--base", "yolo11n", *flags, "--imgsz", "64", "--batch", "4",
+                 "--max-steps", "2", "--eval-every", "0", "--out", str(out), "--quiet"])
+    assert code == 0 and "done in" in capsys.readouterr().out
+    assert [method for method, _ in applied] == ["full"]
     assert (out / "merged" / "model.safetensors").is_file() and not (out / "adapter").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 2 and "adapter" not in summary["outputs"]
+    per_part = summary["trainable"]["per_part"]
+    assert {part for part, n in per_part.items() if n["trainable"]} == trained_parts
+    base = DetectionModel("yolo11n", nc=6, imgsz=64)
+    frozen = {n: p.numel() for n, p in base.named_parameters()
+              if ".dfl." in n or base.part_of(n) not in trained_parts}
+    assert summary["trainable"]["total"] - summary["trainable"]["trainable"] == sum(frozen.values())
     assert TrainConfig.from_file(out / "config.yaml").full_fine_tuning

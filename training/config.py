@@ -24,8 +24,9 @@ from typing import Any, Mapping
 
 from models.errors import ConfigError
 
-from training.settings import PARTS, check_parts, check_settings
-#: ``peft`` values that mean full fine-tuning (every weight trains; no adapter is written).
+from training.settings import check_parts, check_settings
+
+#: ``peft`` values that mean full fine-tuning: the registered ``full`` method (no adapter is written).
 FULL_FINE_TUNING = ("none", "full")
 
 
@@ -59,7 +60,8 @@ class TrainConfig:
     new_classes: bool = False
 
     # --- PEFT ---------------------------------------------------------------
-    #: ``none`` = full fine-tuning, else a name from ``service.layers.peft.list_peft_methods()`` (lora, dora, ...).
+    #: ``none`` (or ``full``) = full fine-tuning (``peft_settings: {targets: [head]}`` limits it to parts), else a
+    #: name from ``service.layers.peft.list_peft_methods()`` (lora, dora, ...).
     peft: str = "none"
     #: adapter rank (LoRA / DoRA / QLoRA).
     rank: int = 8
@@ -197,8 +199,6 @@ class TrainConfig:
         check_settings(self.to_dict())
         self.grad_checkpoint = check_parts(self.grad_checkpoint)
         self.augment_config()
-        if self.full_fine_tuning:
-            self.full_fine_tuning_parts()
         if self.replay_fraction > 0 and not self.replay:
             raise ConfigError("replay_fraction > 0 needs a replay dataset (CLI --replay SOURCE.yaml)")
         if self.replay and self.replay_fraction > 0 and self.replay_images_per_step() == 0:
@@ -212,21 +212,46 @@ class TrainConfig:
         return self
 
     @property
-    def full_fine_tuning(self) -> bool:
-        """True when every weight trains (``peft`` is ``none`` or ``full``): no adapter to save."""
-        return self.peft in FULL_FINE_TUNING
+    def peft_method(self) -> str:
+        """The registered PEFT method the run applies (``none`` and ``full`` are both ``full``)."""
+        return "full" if self.peft in FULL_FINE_TUNING else self.peft
 
-    def full_fine_tuning_parts(self) -> tuple[str, ...]:
-        """The parts that train in full fine-tuning: ``peft_settings: {targets: [head]}`` limits them (all by default)."""
-        unknown = sorted(set(self.peft_settings) - {"targets"})
+    @property
+    def full_fine_tuning(self) -> bool:
+        """True when every selected weight trains (``peft`` is ``none`` or ``full``)."""
+        return self.peft_method == "full"
+
+    def peft_arguments(self) -> dict[str, Any]:
+        """Keyword settings of ``apply_peft(model, self.peft_method, ...)``: ``rank`` / ``alpha`` where the method
+        takes them, ``train_class_branch`` with ``new_classes``, then ``peft_settings``. Unknown or invalid
+        settings raise ``ConfigError``."""
+        from service.layers.peft import peft_config_class
+
+        config_class = peft_config_class(self.peft_method)
+        accepted = {f.name for f in fields(config_class)} if config_class else set()
+        settings: dict[str, Any] = {"rank": self.rank} if "rank" in accepted else {}
+        if self.alpha is not None and "alpha" in accepted:
+            settings["alpha"] = self.alpha
+        if self.new_classes:  # the new class predictor starts untrained: it must learn fully
+            if "train_class_branch" not in accepted:
+                raise ConfigError(f"PEFT method {self.peft!r} cannot train a new class predictor; "
+                                  "use none, lora, dora, bitfit or qlora with new_classes, or keep the base's classes")
+            settings["train_class_branch"] = True
+        if not isinstance(self.peft_settings, Mapping):
+            raise ConfigError("peft_settings must be a mapping of the PEFT method's settings, e.g. {targets: [neck]}")
+        settings.update(self.peft_settings)
+        unknown = sorted(set(settings) - accepted - {"adapter_name"})
         if unknown:
-            raise ConfigError(f"full fine-tuning takes only peft_settings.targets (parts to train), got {unknown}")
-        targets = self.peft_settings.get("targets") or list(PARTS)
-        targets = [targets] if isinstance(targets, str) else list(targets)
-        bad = [t for t in targets if t not in PARTS]
-        if bad:
-            raise ConfigError(f"full fine-tuning targets {bad} unknown; use parts among {', '.join(PARTS)}")
-        return tuple(targets)
+            raise ConfigError(f"peft_settings: {self.peft} does not take {unknown}; it takes "
+                              f"{', '.join(sorted(accepted)) or 'no settings'}")
+        if config_class is not None:
+            try:
+                config_class(**{k: v for k, v in settings.items() if k != "adapter_name"})
+            except ConfigError as exc:
+                raise ConfigError(f"peft_settings: {exc}") from None
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"peft_settings: {exc}") from None
+        return settings
 
     def replay_images_per_step(self, world: int = 1) -> int:
         """Images of each optimizer step drawn from the replay set (0 without replay)."""
@@ -257,16 +282,16 @@ class TrainConfig:
         key = str(self.optimizer).lower().replace("-", "").replace("_", "")
         if key not in list_optimizers():
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(list_optimizers())}")
-        if not self.full_fine_tuning:
-            from service.layers.peft import is_mergeable, list_peft_methods
+        from service.layers.peft import is_mergeable, list_peft_methods
 
-            methods = list(list_peft_methods())
-            if self.peft not in methods:
-                raise ConfigError(f"unknown PEFT method {self.peft!r}; known: none, {', '.join(methods)}")
-            if not is_mergeable(self.peft):
-                # A run ends with merged/ (plain weights for export); this method's layers cannot be folded into
-                # the convolutions (bottleneck adapters sit after an activation), so the recipe cannot finish.
-                raise ConfigError(
-                    f"peft={self.peft!r} cannot be merged into plain weights, and every run ends with a merged model "
-                    "for export; use lora, dora, bitfit or qlora (its apply function stays available from Python)"
-                )
+        methods = [m for m in list_peft_methods() if m != "none"]
+        if self.peft_method not in methods:
+            raise ConfigError(f"unknown PEFT method {self.peft!r}; known: none, {', '.join(methods)}")
+        if not is_mergeable(self.peft_method):
+            # A run ends with merged/ (plain weights for export); this method's layers cannot be folded into
+            # the convolutions (bottleneck adapters sit after an activation), so the recipe cannot finish.
+            raise ConfigError(
+                f"peft={self.peft!r} cannot be merged into plain weights, and every run ends with a merged model "
+                "for export; use lora, dora, bitfit or qlora (its apply function stays available from Python)"
+            )
+        self.peft_arguments()

@@ -39,7 +39,7 @@ from training.config import TrainConfig
 from training.data import build_dataset, collate
 from training.evaluate import evaluate
 from training.memory import MemoryReport, measure_memory, optimizer_state_bytes
-from service.layers.peft import merged_copy, save_adapter
+from service.layers.peft import apply_peft, find_peft_state, merged_copy, save_adapter
 
 EventFn = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
@@ -225,7 +225,7 @@ def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: Sto
             metrics = run_eval(run, val_ds, n_epochs - 1, final=True)
         result.metrics, result.best_map50_95 = metrics, state.best_map50_95
         if dist_info.is_main:
-            result.adapter_dir, result.merged_dir = write_final_weights(cfg, run.eval_model, run_dir)
+            result.adapter_dir, result.merged_dir = write_final_weights(run.eval_model, run_dir)
             result.best_dir = run_dir / "best" if (run_dir / "best").is_dir() else None
     result.wall_time_s = time.perf_counter() - started
     if dist_info.is_main:
@@ -405,7 +405,8 @@ def build_loader(ds, cfg: TrainConfig, info: DistInfo, epoch: int, start_step: i
 
 # ---------------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig, names: list[str]) -> nn.Module:
-    """The base detector with the dataset's classes, PEFT applied as configured."""
+    """The base detector with the dataset's classes, PEFT applied as configured (full fine-tuning is the
+    ``full`` method: every weight of the chosen parts trains, the DFL projection stays fixed)."""
     from models.detection import DetectionModel, architecture_names
     from models.registry import create_model
 
@@ -422,26 +423,7 @@ def build_model(cfg: TrainConfig, names: list[str]) -> nn.Module:
                 )
             model.reset_classes(names)
     model.imgsz = cfg.imgsz
-    if cfg.full_fine_tuning:
-        parts = cfg.full_fine_tuning_parts()
-        for name, p in model.named_parameters():
-            # the DFL projection is a fixed decoder (as in ultralytics)
-            p.requires_grad_(".dfl." not in name and model.part_of(name) in parts)
-    else:
-        from service.layers.peft import apply_peft, peft_config_class
-
-        config_class = peft_config_class(cfg.peft)
-        accepted = {f.name for f in dataclasses.fields(config_class)} if config_class else set()
-        settings: dict[str, Any] = {"rank": cfg.rank} if "rank" in accepted else {}
-        if cfg.alpha is not None and "alpha" in accepted:
-            settings["alpha"] = cfg.alpha
-        if cfg.new_classes:  # the new class predictor starts untrained: it must learn fully
-            if "train_class_branch" not in accepted:
-                raise ConfigError(f"PEFT method {cfg.peft!r} cannot train a new class predictor; "
-                                  "use lora, dora, bitfit or adapters with new_classes, or keep the base's classes")
-            settings["train_class_branch"] = True
-        settings.update(cfg.peft_settings)
-        model = apply_peft(model, cfg.peft, **settings)
+    model = apply_peft(model, cfg.peft_method, **cfg.peft_arguments())
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"PEFT method {cfg.peft!r} with these settings left nothing trainable; widen its targets")
     return model
@@ -673,12 +655,12 @@ def run_eval(run: Run, val_ds, epoch: int, final: bool = False) -> dict[str, Any
     return metrics
 
 
-def write_final_weights(cfg: TrainConfig, net: nn.Module, run_dir: Path) -> tuple[Path | None, Path]:
-    """``adapter/`` (PEFT runs) and ``merged/`` (plain weights for export) of the shipped weights ``net``."""
-    adapter_dir = None
-    if not cfg.full_fine_tuning:
-        adapter_dir = run_dir / "adapter"
-        save_adapter(net, adapter_dir)
+def write_final_weights(net: nn.Module, run_dir: Path) -> tuple[Path | None, Path]:
+    """``adapter/`` (PEFT runs; not full fine-tuning, whose result is the model itself) and ``merged/`` (plain
+    weights for export) of the shipped weights ``net``."""
+    state, adapter_dir = find_peft_state(net), None
+    if state is not None and not state.full_fine_tuning:
+        adapter_dir = save_adapter(net, run_dir / "adapter")
     merged_dir = run_dir / "merged"
     merged_copy(net).save(merged_dir)
     return adapter_dir, merged_dir

@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
     add("--data", help="YOLO data.yaml or COCO json")
     add("--base", help="base model: glasses-base-yolo11n (default), a model directory, or yolo11n..yolov8x (from scratch)")
     add("--new-classes", action="store_true", default=None, help="the dataset's classes differ from the base's: train a new class predictor")
-    add("--peft", help="none (full fine-tuning, default) or a PEFT method (lora, dora, bitfit, qlora)")
+    add("--peft", help="none or full (full fine-tuning, default; --set 'peft_settings={targets: [head]}' trains only "
+                       "those parts) or a PEFT method (lora, dora, bitfit, qlora)")
     add("--rank", type=int, help="adapter rank (default 8)")
     add("--alpha", type=float, help="LoRA alpha")
     add("--optimizer", help="adamw (default), coap, coap8bit, galore, adamw8bit")

@@ -451,6 +451,12 @@ class PeftState:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     bn_stats: str = "update"
 
+    @property
+    def full_fine_tuning(self) -> bool:
+        """Whether the ``full`` method was applied: the trained weights are the model's own, so the model
+        (merged) is the result and there is no adapter smaller than it to save."""
+        return "full" in self.methods
+
 
 def peft_state(root: nn.Module) -> PeftState:
     """The model's :class:`PeftState`, created empty on first use."""

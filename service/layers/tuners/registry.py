@@ -13,20 +13,21 @@ the layer's ``mergeable`` flag, see :func:`is_mergeable`) and the report.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from models.errors import ConfigError
 from service.layers.tuners.base import (
     BaseTunerLayer,
+    TunerConfig,
     UnknownMethodError,
     build_config,
+    canonical_name,
+    finish_apply,
     inject_adapter,
     mark_trainable,
-    peft_state,
-    refresh_trainable,
-    root_model,
+    resolve_targets,
 )
 
 
@@ -36,7 +37,7 @@ class PeftMethod:
 
     Attributes:
         name: what :func:`apply_peft` and adapter files call it.
-        config_class: its settings dataclass (None for ``full`` / ``none``).
+        config_class: its settings dataclass (None for ``none``).
         apply: ``apply(module, config=None, [adapter_name=...,] **settings) -> module``.
         layer_class: the wrapper it injects (None: it adds no layer, e.g. BitFit).
         mergeable: whether ``merge_lora`` can fold it into plain weights.
@@ -117,7 +118,7 @@ def list_peft_methods() -> list[str]:
 
 
 def peft_config_class(method: str) -> type | None:
-    """The config dataclass of a method (None for ``full`` / ``none``)."""
+    """The config dataclass of a method (None for ``none``)."""
     return _lookup(method).config_class
 
 
@@ -146,15 +147,36 @@ def apply_peft(model: nn.Module, method: str, **settings: Any) -> nn.Module:
     return _lookup(method).apply(model, **settings)
 
 
-def _apply_full(model: nn.Module, **settings: Any) -> nn.Module:
-    """Full fine-tuning: every parameter trains (no adapter)."""
-    if settings:
-        raise ConfigError(f"method 'full' takes no settings, got {sorted(settings)}")
-    root, _ = root_model(model)
-    mark_trainable(root, [n for n, _ in root.named_parameters()], "full")
-    peft_state(root).methods["full"] = {"peft_type": "full"}
-    refresh_trainable(root)
-    return model
+@dataclass
+class FullConfig(TunerConfig):
+    """Settings of full fine-tuning: the selected modules' own weights train; no adapter is added.
+
+    Attributes:
+        targets: parts / module types / name patterns whose parameters train (``None``: the module passed).
+        exclude: modules kept frozen. Default: ultralytics' DFL projection, a fixed decoder (an ``arange``
+            integral) that ultralytics' trainer always freezes.
+        train_class_branch: also train the head's final class predictors (a new class predictor outside ``targets``).
+    """
+
+    targets: Sequence[Any] | None = None
+    exclude: Sequence[Any] = ("DFL",)
+    train_class_branch: bool = False
+    peft_type = "full"
+
+
+def apply_full(module: nn.Module, config: FullConfig | None = None, **settings: Any) -> nn.Module:
+    """Full fine-tuning: every parameter of the selected modules trains (recorded in the model's PEFT state).
+
+    Example:
+        >>> apply_peft(model, "full", targets=["neck", "head"])   # the backbone stays frozen
+    """
+    config = build_config(FullConfig, config, settings)
+    root, resolved = resolve_targets(module, (nn.Module,), config.targets, config.exclude)
+    chosen = {canonical_name(name) for name, _ in resolved.targets}
+    names = [name for name, _ in root.named_parameters() if canonical_name(name).rpartition(".")[0] in chosen]
+    mark_trainable(root, names, "full")
+    finish_apply(root, config, None)
+    return module
 
 
 def _apply_none(model: nn.Module, **settings: Any) -> nn.Module:
@@ -164,5 +186,5 @@ def _apply_none(model: nn.Module, **settings: Any) -> nn.Module:
     return model
 
 
-register_peft_method(name="full", apply=_apply_full)
+register_peft_method(FullConfig, apply=apply_full)
 register_peft_method(name="none", apply=_apply_none)
