@@ -16,6 +16,7 @@ Three measurements on one CUDA device, each printed and written as JSON:
    saved activations, and the time it costs.
 
 Run:  python benchmarks/gpu_check.py --out results/   (needs CUDA; ~3 min on an H200)
+      python benchmarks/gpu_check.py --from-json results/gpu_check.json   (the markdown tables)
 """
 
 from __future__ import annotations
@@ -198,14 +199,65 @@ def checkpointing_check(device: torch.device, cfg: str = "yolo11s", imgsz: int =
     return out
 
 
+def render(result: dict) -> str:
+    """The markdown report of one run (docs/benchmarks/gpu.md)."""
+    mib = 2**20
+    lines = [
+        f"command: `{result['command']}`  ",
+        f"device: {result['device']}, torch {result['torch']} (CUDA {result['cuda']})",
+        "",
+        "### Optimizer step on CUDA (full fine-tuning, interleaved, medians)",
+        "",
+        "| model | px | batch | optimizer | `step()` ms | vs AdamW | whole step ms | vs AdamW | state MiB (exact / allocator) |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for cell in result["optimizers"]:
+        for name, m in cell["methods"].items():
+            lines.append(
+                f"| {cell['model']} | {cell['imgsz']} | {cell['batch']} | {name} | {m['step_ms']:.2f} | "
+                f"{m['step_vs_adamw']:.2f}x | {m['whole_ms']:.2f} | {m['whole_vs_adamw']:.2f}x | "
+                f"{m['state_bytes_exact'] / mib:.2f} / {m['state_bytes_allocated'] / mib:.2f} |"
+            )
+    if result["bf16"]:
+        b = result["bf16"]
+        lines += [
+            "",
+            f"### bf16 autocast vs fp32 ({b['model']}, {b['imgsz']} px, batch {b['batch']}, one batch)",
+            "",
+            "| loss fp32 | loss bf16 | loss rel. error | gradient cosine | gradient rel. error | fwd+bwd ms fp32 | fwd+bwd ms bf16 |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| {b['loss_fp32']:.3f} | {b['loss_bf16']:.3f} | {b['loss_rel_err']:.1e} | {b['grad_cosine']:.4f} | "
+            f"{b['grad_rel_err']:.3f} | {b['fwd_bwd_ms_fp32']:.1f} | {b['fwd_bwd_ms_bf16']:.1f} |",
+        ]
+    if result["checkpointing"]:
+        c = result["checkpointing"]
+        lines += [
+            "",
+            f"### Gradient checkpointing ({c['model']}, {c['imgsz']} px, batch {c['batch']})",
+            "",
+            "| checkpointing | saved activations, exact (MiB) | CUDA peak over resting (MiB) | fwd+bwd ms |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for label in ("off", "all parts"):
+            r = c[label]
+            lines.append(f"| {label} | {r['saved_activations_exact'] / mib:,.0f} | {r['peak_over_resting'] / mib:,.0f} | "
+                         f"{r['fwd_bwd_ms']:.1f} |")
+        lines.append(f"| ratio | {c['activations_ratio']:.2f}x | {c['peak_ratio']:.2f}x | {c['time_ratio']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", default="yolo11n:320:16,yolo11n:640:16,yolo11s:640:16",
                     help="model:imgsz:batch cells of the optimizer comparison")
     ap.add_argument("--steps", type=int, default=60, help="timed steps per method and cell")
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--out", type=Path, default=Path("gpu-check"))
+    ap.add_argument("--out", type=Path, default=Path("gpu-check"), help="folder for gpu_check.json")
+    ap.add_argument("--from-json", type=Path, default=None, help="print the markdown report of an earlier run, run nothing")
     args = ap.parse_args(argv)
+    if args.from_json:
+        print(render(json.loads(args.from_json.read_text())), end="")
+        return 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device; this benchmark only runs on a GPU", file=sys.stderr)
         return 2
