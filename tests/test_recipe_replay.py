@@ -3,49 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from models import DetectionModel
 from models.errors import ConfigError
 from tests.helpers.recipe import tiny_config, tiny_dataset
 from training.config import TrainConfig
-from training.recipe import GlobalBatchSampler, train
-
-
-def _batches(**kw):
-    base = dict(n=12, batch=4, accumulate=2, rank=0, world=1, seed=3, epoch=1, start_step=0, steps=1)
-    base.update(kw)
-    return list(GlobalBatchSampler(**base))
-
-
-def test_sampler_without_replay_takes_consecutive_slices_of_the_epoch_permutation():
-    order = torch.randperm(12, generator=torch.Generator().manual_seed(3 + 1)).tolist()
-    assert _batches() == [order[0:4], order[4:8]]
-
-
-def test_sampler_mixes_the_asked_share_of_replay_images_into_each_step():
-    steps = _batches(n=30, steps=3, replay_n=5, replay_per_step=2)
-    assert len(steps) == 6 and all(len(b) == 4 for b in steps)
-    for s in range(3):
-        step = steps[2 * s] + steps[2 * s + 1]
-        replayed = [i for i in step if i >= 30]
-        assert len(replayed) == 2 and all(30 <= i < 35 for i in replayed)
-        assert len(set(step)) == 8
-    target = [i for b in steps for i in b if i < 30]
-    assert len(target) == len(set(target)) == 18  # every target image at most once per epoch
-
-
-def test_sampler_with_replay_resumes_at_any_step():
-    kw = dict(n=30, steps=3, replay_n=5, replay_per_step=2)
-    assert _batches(**kw)[2:] == _batches(start_step=1, **kw)
-
-
-def test_sampler_splits_a_step_the_same_way_across_processes():
-    kw = dict(n=40, batch=2, accumulate=1, steps=2, replay_n=7, replay_per_step=1)
-    one = _batches(world=1, **{**kw, "batch": 4})
-    ranks = [_batches(world=2, rank=r, **kw) for r in range(2)]
-    for s in range(2):
-        assert sorted(one[s]) == sorted(ranks[0][s] + ranks[1][s])
+from training.recipe import train
 
 
 def test_replay_settings_are_checked_before_training(tmp_path):

@@ -32,8 +32,10 @@ from torch import nn
 
 from tqdm import tqdm
 
+from models.detection import DetectionModel, architecture_names
 from models.errors import CheckpointError, ConfigError, DataError, GlassesVisionError
 from models.io import atomic_write_json, atomic_write_text
+from models.registry import create_model
 from training.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
 from training.data import build_dataset, collate
@@ -127,13 +129,12 @@ def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: Sto
     # 1. data: fail on a missing / empty dataset before building anything heavy
     train_ds, val_ds = build_datasets(cfg)
     replay_ds = build_replay_dataset(cfg, train_ds)
-    global_batch = cfg.batch * cfg.accumulate * dist_info.world
-    replay_per_step = cfg.replay_images_per_step(dist_info.world)
-    steps_per_epoch = len(train_ds) // (global_batch - replay_per_step)
+    plan = BatchPlan.for_run(cfg, len(train_ds), dist_info.world, replay_n=len(replay_ds) if replay_ds is not None else 0)
+    steps_per_epoch = plan.steps_per_epoch
     if steps_per_epoch == 0:
         raise ConfigError(f"the training set has {len(train_ds)} images but one optimizer step needs "
-                          f"{global_batch - replay_per_step} (batch {cfg.batch} x accumulate {cfg.accumulate} x "
-                          f"{dist_info.world} processes, minus {replay_per_step} replayed); lower batch or accumulate")
+                          f"{plan.targets_per_step} (batch {cfg.batch} x accumulate {cfg.accumulate} x "
+                          f"{dist_info.world} processes, minus {plan.replay_per_step} replayed); lower batch or accumulate")
     total_steps = min(cfg.max_steps or 1 << 62, cfg.epochs * steps_per_epoch)
 
     # 2. model + PEFT + memory savers
@@ -325,54 +326,91 @@ def build_datasets(cfg: TrainConfig):
     return train_ds, val_ds
 
 
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Yields this process's micro-batches of one epoch, from optimizer step ``start_step`` on.
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which images each optimizer step of an epoch takes, and how a step is cut into micro-batches.
 
-    The epoch's permutation depends only on ``seed + epoch``. Optimizer step ``s`` takes
-    the slice ``[s*G, (s+1)*G)`` of it (``G = batch x accumulate x world``); micro-batch
-    ``m`` of rank ``r`` is sub-slice ``m*world + r``. So the images of a step do not
-    depend on how they are split into processes and micro-batches, and resuming at
-    step ``s`` needs nothing but ``s``.
-
-    With replay (``replay_n`` images stored after the ``n`` target images, ``replay_per_step``
-    of them per step), a step takes ``G - replay_per_step`` target images and
-    ``replay_per_step`` replay images from a permutation of its own, cycled; the step's
-    list is shuffled (seeded by the step) before it is cut into micro-batches.
+    Every process holds the same plan. The epoch's permutation of the ``n`` target images depends only
+    on ``seed + epoch``; optimizer step ``s`` takes its slice ``[s*T, (s+1)*T)`` (``T`` =
+    :attr:`targets_per_step`). With replay (``replay_n`` images stored after the target images),
+    a step adds ``replay_per_step`` replay images from a permutation of their own, cycled, and the
+    step's list is shuffled (seeded by the step). Micro-batch ``m`` of rank ``r`` is the ``m*world + r``-th
+    ``batch``-sized piece of the step. So the images of a step do not depend on how they are split into
+    processes and micro-batches, and resuming at step ``s`` needs nothing but ``s``.
     """
 
-    def __init__(self, n: int, batch: int, accumulate: int, rank: int, world: int, seed: int, epoch: int,
-                 start_step: int, steps: int, shuffle: bool = True, replay_n: int = 0, replay_per_step: int = 0):
-        self.n, self.batch, self.accumulate, self.rank, self.world = n, batch, accumulate, rank, world
-        self.seed, self.epoch, self.start_step, self.steps, self.shuffle = seed, epoch, start_step, steps, shuffle
-        self.replay_n, self.replay_per_step = replay_n, replay_per_step if replay_n else 0
+    n: int
+    batch: int
+    accumulate: int = 1
+    world: int = 1
+    seed: int = 0
+    replay_n: int = 0
+    replay_per_step: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.replay_per_step and not self.replay_n:
+            raise ValueError("replay_per_step > 0 needs replay images (replay_n > 0)")
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, n: int, world: int, replay_n: int = 0) -> "BatchPlan":
+        """The plan of a run with ``n`` training images (and ``replay_n`` replay images) on ``world`` processes."""
+        return cls(n=n, batch=cfg.batch, accumulate=cfg.accumulate, world=world, seed=cfg.seed, replay_n=replay_n,
+                   replay_per_step=cfg.replay_images_per_step(world) if replay_n else 0)
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step: batch x accumulate x world."""
+        return self.batch * self.accumulate * self.world
+
+    @property
+    def targets_per_step(self) -> int:
+        """Training-set images per optimizer step (the rest are replayed)."""
+        return self.global_batch - self.replay_per_step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.targets_per_step
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def step_items(self, order: list[int], epoch: int, step: int) -> list[int]:
+        """Dataset indices of optimizer step ``step`` (replay indices offset by ``n``), in micro-batch order."""
+        t = self.targets_per_step
+        items = order[step * t : (step + 1) * t]
+        if not self.replay_per_step:
+            return items
+        gen = torch.Generator().manual_seed(self.seed + 1_000_003 + epoch)
+        replay = torch.randperm(self.replay_n, generator=gen).tolist()
+        lo = step * self.replay_per_step
+        items += [self.n + replay[(lo + i) % self.replay_n] for i in range(self.replay_per_step)]
+        mix = torch.randperm(self.global_batch, generator=torch.Generator().manual_seed(
+            self.seed * 7919 + epoch * 104729 + step))
+        return [items[i] for i in mix.tolist()]
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """One process's micro-batches of one epoch of ``plan`` (see :class:`BatchPlan`), from optimizer step
+    ``start_step`` to ``steps`` (default: the whole epoch)."""
+
+    def __init__(self, plan: BatchPlan, epoch: int, rank: int = 0, start_step: int = 0, steps: int | None = None):
+        self.plan, self.epoch, self.rank, self.start_step = plan, epoch, rank, start_step
+        self.steps = plan.steps_per_epoch if steps is None else steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        else:
-            order = list(range(self.n))
-        g = self.batch * self.accumulate * self.world
-        g_target = g - self.replay_per_step
+        plan = self.plan
+        order = plan.epoch_order(self.epoch)
         for s in range(self.start_step, self.steps):
-            step_items = order[s * g_target : (s + 1) * g_target] + self._replay_items(s)
-            if self.replay_per_step:
-                mix = torch.randperm(g, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729 + s))
-                step_items = [step_items[i] for i in mix.tolist()]
-            for m in range(self.accumulate):
-                lo = (m * self.world + self.rank) * self.batch
-                yield step_items[lo : lo + self.batch]
-
-    def _replay_items(self, step: int) -> list[int]:
-        """Replay indices (offset by ``n``) of one step; the replay permutation is drawn per epoch and cycled."""
-        if not self.replay_per_step:
-            return []
-        gen = torch.Generator().manual_seed(self.seed + 1_000_003 + self.epoch)
-        perm = torch.randperm(self.replay_n, generator=gen).tolist()
-        lo = step * self.replay_per_step
-        return [self.n + perm[(lo + i) % self.replay_n] for i in range(self.replay_per_step)]
+            items = plan.step_items(order, self.epoch, s)
+            for m in range(plan.accumulate):
+                lo = (m * plan.world + self.rank) * plan.batch
+                yield items[lo : lo + plan.batch]
 
     def __len__(self) -> int:
-        return (self.steps - self.start_step) * self.accumulate
+        return (self.steps - self.start_step) * self.plan.accumulate
 
 
 def build_replay_dataset(cfg: TrainConfig, train_ds):
@@ -391,10 +429,9 @@ def build_replay_dataset(cfg: TrainConfig, train_ds):
 
 
 def build_loader(ds, cfg: TrainConfig, info: DistInfo, epoch: int, start_step: int, steps: int, replay_ds=None):
-    replay_n = len(replay_ds) if replay_ds is not None else 0
-    sampler = GlobalBatchSampler(len(ds), cfg.batch, cfg.accumulate, info.rank, info.world, cfg.seed, epoch,
-                                 start_step, steps, replay_n=replay_n,
-                                 replay_per_step=cfg.replay_images_per_step(info.world) if replay_n else 0)
+    """This process's loader of one epoch, from optimizer step ``start_step`` to ``steps``."""
+    plan = BatchPlan.for_run(cfg, len(ds), info.world, replay_n=len(replay_ds) if replay_ds is not None else 0)
+    sampler = GlobalBatchSampler(plan, epoch, rank=info.rank, start_step=start_step, steps=steps)
     if replay_ds is not None:
         ds = torch.utils.data.ConcatDataset([ds, replay_ds])
     # a generator of its own: creating the loader must not draw from the global RNG (exact resume)
@@ -407,9 +444,14 @@ def build_loader(ds, cfg: TrainConfig, info: DistInfo, epoch: int, start_step: i
 def build_model(cfg: TrainConfig, names: list[str]) -> nn.Module:
     """The base detector with the dataset's classes, PEFT applied as configured (full fine-tuning is the
     ``full`` method: every weight of the chosen parts trains, the DFL projection stays fixed)."""
-    from models.detection import DetectionModel, architecture_names
-    from models.registry import create_model
+    model = apply_peft(build_base_model(cfg, names), cfg.peft_method, **cfg.peft_arguments())
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"PEFT method {cfg.peft!r} with these settings left nothing trainable; widen its targets")
+    return model
 
+
+def build_base_model(cfg: TrainConfig, names: list[str]) -> DetectionModel:
+    """The base detector (``cfg.base``) predicting the dataset's classes ``names``, before any PEFT method."""
     if cfg.base in architecture_names():
         model = DetectionModel(cfg.base, names=names, imgsz=cfg.imgsz)
     else:
@@ -423,9 +465,6 @@ def build_model(cfg: TrainConfig, names: list[str]) -> nn.Module:
                 )
             model.reset_classes(names)
     model.imgsz = cfg.imgsz
-    model = apply_peft(model, cfg.peft_method, **cfg.peft_arguments())
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError(f"PEFT method {cfg.peft!r} with these settings left nothing trainable; widen its targets")
     return model
 
 
