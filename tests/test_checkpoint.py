@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,12 +91,46 @@ def test_crash_while_writing_leaves_last_on_the_previous_complete_checkpoint(tmp
     assert load_checkpoint(root)[2]["step"] == 7
 
 
-def test_resave_of_the_step_last_points_at_keeps_it_loadable(tmp_path):
+def test_resave_of_the_step_last_points_at_writes_the_new_content(tmp_path):
+    """A second save at the step ``last`` is on used to return early and keep the first content silently."""
     root = tmp_path / "checkpoints"
     first = _save(root, 9, seed=1)
-    again = _save(root, 9, seed=1)
+    again = _save(root, 9, seed=2)
     assert again == first and find_checkpoint(root) == first.resolve()
-    assert load_checkpoint(root)[2]["step"] == 9
+    model_state, train_state, info = load_checkpoint(root)
+    assert info["step"] == 9 and torch.equal(model_state["conv.weight"], _model_state(2)["conv.weight"])
+    assert torch.equal(train_state["optimizer"]["state"][0]["exp_avg"], _train_state(2)["optimizer"]["state"][0]["exp_avg"])
+    assert [p.name for p in root.iterdir() if p.name != "last"] == ["step-00000009"]
+
+
+@pytest.mark.parametrize("dies_at", ["rmtree", "replace"])
+def test_crash_during_a_resave_leaves_last_on_a_complete_checkpoint(tmp_path, monkeypatch, dies_at):
+    root = tmp_path / "checkpoints"
+    _save(root, 9, seed=1)
+    target = root / "step-00000009"
+    real_rmtree, real_replace = ckpt_mod.shutil.rmtree, ckpt_mod.os.replace
+
+    def rmtree(path, *args, **kw):
+        if dies_at == "rmtree" and Path(path) == target:
+            (target / "train_state.pt").unlink()  # killed half-way through removing the old copy
+            raise KeyboardInterrupt("killed")
+        return real_rmtree(path, *args, **kw)
+
+    def replace(src, dst):
+        if dies_at == "replace" and Path(dst) == target:
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(ckpt_mod.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _save(root, 9, seed=2)
+    monkeypatch.undo()
+    model_state, _, info = load_checkpoint(root)  # ``last`` is on the complete new copy (still in staging)
+    assert info["step"] == 9 and torch.equal(model_state["conv.weight"], _model_state(2)["conv.weight"])
+    _save(root, 10, seed=3)  # the next save cleans up
+    assert sorted(p.name for p in root.iterdir()) == ["last", "step-00000010"]
+    assert load_checkpoint(root)[2]["step"] == 10
 
 
 def test_a_leftover_directory_of_the_same_step_is_replaced(tmp_path):

@@ -10,7 +10,8 @@ A checkpoint is a directory ``checkpoints/step-00000123/`` holding
 ``checkpoints/last`` is a symlink replaced atomically (``os.replace``) once the new
 directory is complete and fsynced, and older directories are deleted only after
 that; a run killed at any moment (SIGKILL included) leaves ``last`` pointing at a
-complete checkpoint.
+complete checkpoint. Saving a step that already has a directory replaces it (``last``
+points at the complete new copy while the old one is removed).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +92,7 @@ def save_checkpoint(
     root = Path(checkpoint_root)
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:08d}"
-    if target.exists():  # a crashed earlier attempt at the same step, or a re-save at the end
-        if _resolve_last(root) == target.resolve():
-            return target
-        shutil.rmtree(target)
-    staging = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
+    staging = root / f".tmp-step-{step:08d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # never one ``last`` is on
     staging.mkdir()
     tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
     atomic_write_bytes(staging / "model.safetensors", st_save(tensors))
@@ -105,12 +101,12 @@ def save_checkpoint(
     atomic_write_bytes(staging / "train_state.pt", buf.getvalue())
     atomic_write_json(staging / "state.json", {**info, "step": step})
     _fsync_dir(staging)
+    if target.exists():  # a crashed earlier attempt at the same step, or a re-save of the step ``last`` is on
+        if _resolve_last(root) == target.resolve():
+            _point_last(root, staging)  # ``last`` stays on a complete checkpoint while ``target`` is replaced
+        shutil.rmtree(target)
     os.replace(staging, target)
-    link_tmp = root / f".{LAST}.{os.getpid()}.tmp"
-    link_tmp.unlink(missing_ok=True)
-    os.symlink(target.name, link_tmp)
-    os.replace(link_tmp, root / LAST)
-    _fsync_dir(root)
+    _point_last(root, target)
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[:-keep] if keep > 0 else []:
         if old.resolve() != target.resolve():
@@ -118,6 +114,15 @@ def save_checkpoint(
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return target
+
+
+def _point_last(root: Path, directory: Path) -> None:
+    """Atomically make ``root/last`` a relative symlink to ``directory`` (a child of ``root``)."""
+    link_tmp = root / f".{LAST}.{os.getpid()}.tmp"
+    link_tmp.unlink(missing_ok=True)
+    os.symlink(directory.name, link_tmp)
+    os.replace(link_tmp, root / LAST)
+    _fsync_dir(root)
 
 
 def _resolve_last(root: Path) -> Path | None:
