@@ -33,6 +33,7 @@ from ultralytics.nn.tasks import yaml_model_load  # noqa: E402
 
 from models.errors import CheckpointError, ConfigError, UntrustedCheckpointError  # noqa: E402
 from models.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.peft_layer import is_peft_layer  # noqa: E402
 
 FAMILIES = {"yolo11": "yolo11.yaml", "yolov8": "yolov8.yaml"}
 SCALES = ("n", "s", "m", "l", "x")
@@ -339,7 +340,7 @@ class DetectionModel(_UltralyticsDetectionModel):
         """Write ``model.safetensors`` + ``config.json`` into ``directory`` (atomically, file by file)."""
         from safetensors.torch import save as st_save
 
-        wrapped = [n for n, m in self.named_modules() if hasattr(m, "base_layer")]
+        wrapped = [n for n, m in self.named_modules() if is_peft_layer(m)]
         if wrapped:
             raise ConfigError(
                 f"the model still holds {len(wrapped)} PEFT layers (e.g. {wrapped[0]}); "

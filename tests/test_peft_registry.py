@@ -138,12 +138,27 @@ def test_merging_a_deep_copy_keeps_the_originals_frozen_batchnorm():
     assert torch.equal(bn.running_mean, before)
 
 
-def test_is_peft_layer():
+def test_is_peft_layer(tmp_path):
+    """One predicate, defined in models (which may not import service) and used by DetectionModel.save."""
+    from models import peft_layer
+
+    assert is_peft_layer is peft_layer.is_peft_layer and issubclass(BaseTunerLayer, peft_layer.PeftLayer)
     model = make_model()
     assert not any(is_peft_layer(m) for m in model.modules()) and not has_peft_layers(model)
     apply_lora(model, rank=2, targets=["model.5.conv"])
     assert is_peft_layer(model.model[5].conv) and not is_peft_layer(model.model[5].conv.base_layer)
     assert has_peft_layers(model)
+    with pytest.raises(ConfigError, match=r"holds 1 PEFT layers \(e.g. model.5.conv\)"):
+        model.save(tmp_path / "wrapped")
+
+    class NotPeft(nn.Module):  # a module that merely has a base_layer is not a PEFT layer
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.base_layer = inner
+
+    plain = make_model()
+    plain.model[5].conv = NotPeft(plain.model[5].conv)
+    assert not has_peft_layers(plain) and plain.save(tmp_path / "plain").is_dir()
 
 
 def _trainable_names(model) -> set[str]:

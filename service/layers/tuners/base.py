@@ -26,6 +26,7 @@ from torch import nn
 
 from models.detection import PARTS
 from models.errors import ConfigError, NotFoundError
+from models.peft_layer import PeftLayer, has_peft_layers, is_peft_layer  # noqa: F401  (re-exported: one definition)
 
 #: What BatchNorm running statistics do while adapters train (see :func:`set_bn_stats`).
 BN_STATS_CHOICES = ("update", "freeze")
@@ -44,16 +45,6 @@ def canonical_name(name: str) -> str:
     """``model.3.conv.base_layer.weight`` -> ``model.3.conv.weight`` (the name in the plain model)."""
     out = _BASE_SEGMENT.sub("", name)
     return out[1:] if out.startswith(".") else out
-
-
-def is_peft_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a PEFT wrapper (a layer holding adapters around its ``base_layer``)."""
-    return isinstance(module, BaseTunerLayer)
-
-
-def has_peft_layers(model: nn.Module) -> bool:
-    """Whether any module of ``model`` is a PEFT wrapper (it must be merged before saving as a plain model)."""
-    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
 # ---------------------------------------------------------------------------- configs
@@ -127,8 +118,8 @@ def build_config(cls, config, kwargs: dict[str, Any]):
 
 
 # ---------------------------------------------------------------------------- layers
-class BaseTunerLayer(nn.Module):
-    """A module wrapping ``base_layer`` with one or more named adapters.
+class BaseTunerLayer(PeftLayer):
+    """A module wrapping ``base_layer`` with one or more named adapters (a ``models.peft_layer.PeftLayer``).
 
     A subclass declares ``target_kinds`` (module types it can wrap),
     ``adapter_layer_names`` (ModuleDict / ParameterDict attributes holding the
