@@ -33,11 +33,11 @@ from ultralytics.nn.tasks import yaml_model_load  # noqa: E402
 
 from models.errors import CheckpointError, ConfigError, UntrustedCheckpointError  # noqa: E402
 from models.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.parts import PARTS  # noqa: E402
 from models.peft_layer import is_peft_layer  # noqa: E402
 
 FAMILIES = {"yolo11": "yolo11.yaml", "yolov8": "yolov8.yaml"}
 SCALES = ("n", "s", "m", "l", "x")
-PARTS = ("backbone", "neck", "head")
 CONFIG_FORMAT = "glasses-vision/detection-model"
 CONFIG_VERSION = 1
 

@@ -98,3 +98,11 @@ def test_peft_arguments_are_what_apply_peft_receives():
     assert lora.peft_method == "lora" and not lora.full_fine_tuning
     assert lora.peft_arguments() == {"rank": 4, "alpha": 8.0, "use_rslora": True}
     assert TrainConfig(data="x.yaml", peft="bitfit", rank=4).peft_arguments() == {}
+
+
+def test_parts_are_named_in_one_place():
+    from models import detection, parts
+    from service.layers.tuners import base
+    from training import settings
+
+    assert settings.PARTS is detection.PARTS is base.PARTS is parts.PARTS == ("backbone", "neck", "head")

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from models.errors import ConfigError
-
-PARTS = ("backbone", "neck", "head")
+from models.parts import PARTS
 AMP_MODES = ("none", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 #: keyword-setting mappings (peft_settings, optimizer_settings, augment_settings) hold at most this many keys.

@@ -24,8 +24,8 @@ from typing import Any, ClassVar, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from models.detection import PARTS
 from models.errors import ConfigError, NotFoundError
+from models.parts import PARTS
 from models.peft_layer import PeftLayer, has_peft_layers, is_peft_layer  # noqa: F401  (re-exported: one definition)
 
 #: What BatchNorm running statistics do while adapters train (see :func:`set_bn_stats`).
