@@ -1,7 +1,8 @@
 """Export benchmark: batch-1 CPU latency of PyTorch eager vs onnxruntime fp32 / int8, our default (static
 batch 1) file vs our dynamic-batch file vs ultralytics' own ONNX export of the same weights, merged-LoRA vs
 base; file sizes; int8 mAP change; with --knobs, the int8 settings (weights per channel or per tensor,
-activation type, which nodes stay float, calibration method and frame count, ORT graph optimisation level).
+activation and weight types, QDQ or QOperator, which nodes stay float, calibration method and frame count,
+onnxruntime session options) and the DFL-softmax rewrite proposed for the export.
 
     python benchmarks/export.py                                   # shipped base model (else fresh yolo11n) + generated data
     python benchmarks/export.py --source runs/kitchen --data data.yaml --imgsz 320 --threads 1 --knobs
@@ -64,6 +65,30 @@ def lora_model(model, rank: int = 8):
     return tuned.eval()
 
 
+def dfl_softmax_on_bins_axis(src: Path, dst: Path) -> Path:
+    """A copy of an exported file whose DFL softmax runs over the bins' own axis, before the transpose.
+
+    The export has Reshape (1, 4, 16, A) -> Transpose -> Softmax(axis=1) -> Conv; onnxruntime runs a softmax over
+    a non-last axis slowly. Softmax(axis=2) -> Transpose is the same function (a measured proposal for the export).
+    """
+    import onnx
+
+    proto = onnx.load(str(src))
+    nodes = list(proto.graph.node)
+    by_name = {n.name: n for n in nodes}
+    transpose, softmax = by_name["/model.23/dfl/Transpose"], by_name["/model.23/dfl/Softmax"]
+    reshaped, out = transpose.input[0], softmax.output[0]
+    softmax.input[0], softmax.output[0] = reshaped, transpose.output[0]
+    softmax.attribute[0].i = 2
+    transpose.input[0], transpose.output[0] = softmax.output[0], out
+    i, j = nodes.index(transpose), nodes.index(softmax)
+    nodes[i], nodes[j] = softmax, transpose
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    onnx.save(proto, str(dst))
+    return dst
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=None, help="model / run dir (default: the shipped base, else a fresh yolo11n)")
@@ -120,10 +145,17 @@ def main(argv=None) -> int:
 
     common = dict(calibration=data, max_calibration=args.calib, threads=args.threads, measure=False)
     #: label -> (quantize_onnx settings, shown in the tables)
-    int8 = {"int8 (default: per-channel, head convs int8, decode float, minmax)": dict()}
+    int8 = {"int8 (default: per-channel, stem conv float, head convs int8, decode float, minmax)": dict()}
+    int8["int8 (stem conv int8 too: the default before)"] = dict(keep_stem_float=False)
     int8["int8 (head float)"] = dict(keep_head_float=True)
     if args.knobs:
+        from onnxruntime.quantization import QuantFormat, QuantType
+
         int8.update({
+            "int8 (QOperator format: QLinearConv in the file)": dict(ort_options={"quant_format": QuantFormat.QOperator}),
+            "int8 (uint8 weights, U8U8)": dict(ort_options={"weight_type": QuantType.QUInt8}),
+            "int8 (reduce_range: 7-bit weights)": dict(ort_options={"reduce_range": True}),
+            "int8 (symmetric uint8 activations)": dict(ort_options={"extra_options": {"ActivationSymmetric": True}}),
             "int8 (per-tensor weights)": dict(per_channel=False),
             "int8 (int8 activations, S8S8)": dict(activation_type="int8"),
             "int8 (convs only: SiLU/Concat/Add float)": dict(op_types=["Conv"]),
@@ -140,6 +172,9 @@ def main(argv=None) -> int:
         except Exception as exc:  # a knob onnxruntime cannot apply to this model is reported, not fatal
             print(f"{label}: failed ({type(exc).__name__}: {str(exc)[:160]})", file=sys.stderr)
     default_int8 = next(iter(int8))
+    if args.knobs:  # the proposal for the export: DFL softmax on the bins' axis, fp32 and int8 (default settings)
+        dfl_fp32 = dfl_softmax_on_bins_axis(Path(base.path), work / "fp32-dfl.onnx")
+        reports["int8 (default), DFL softmax on the bins' axis"] = quantize_onnx(dfl_fp32, work / "int8-dfl.onnx", **common)
     if args.map:  # the float file once, then each int8 file, by training.evaluate on the val split
         from export.evaluate import evaluate_onnx
 
@@ -154,24 +189,33 @@ def main(argv=None) -> int:
              "onnxruntime fp32 (ours, dynamic batch)": dynamic.path,
              "onnxruntime fp32 (ultralytics export)": ul_path,
              "onnxruntime merged-LoRA (static batch 1)": lora.path}
+    if args.knobs:
+        files["onnxruntime fp32 (ours), DFL softmax on the bins' axis"] = dfl_fp32
     files.update({f"onnxruntime {label}": r.path for label, r in reports.items()})
     dets = {name: Detector(p, threads=args.threads) for name, p in files.items()}
 
-    def level_session(path, level):
+    def session(path, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, config=None, disabled_optimizers=None):
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
         options.graph_optimization_level = level
         options.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=disabled_optimizers)
         return lambda: sess.run(None, {"images": x})
 
     variants = {"pytorch eager": lambda: model(xt), "pytorch eager (fused)": lambda: fused(xt)}
     variants.update({name: (lambda d=d: d.raw(x)) for name, d in dets.items()})
     if args.knobs:
         extended = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        variants["onnxruntime fp32 (ours), ORT level EXTENDED"] = level_session(base.path, extended)
+        variants["onnxruntime fp32 (ours), ORT level EXTENDED"] = session(base.path, extended)
         if default_int8 in reports:
-            variants["onnxruntime int8 (default), ORT level EXTENDED"] = level_session(reports[default_int8].path, extended)
+            q = reports[default_int8].path
+            variants["onnxruntime int8 (default), ORT level EXTENDED"] = session(q, extended)
+            variants["onnxruntime int8 (default), NhwcTransformer off"] = session(q, disabled_optimizers=["NhwcTransformer"])
+            variants["onnxruntime int8 (default), session.qdqisint8allowed=1"] = session(
+                q, config={"session.qdqisint8allowed": "1"})
     times = {k: [] for k in variants}
     cpu = {k: [] for k in variants}
     with torch.no_grad():
@@ -197,6 +241,9 @@ def main(argv=None) -> int:
     ref = med[ref_name]
     ul = med["onnxruntime fp32 (ultralytics export)"]
     q_default = med.get(f"onnxruntime {default_int8}")
+    before = "int8 (stem conv int8 too: the default before)"
+    dfl_f = "onnxruntime fp32 (ours), DFL softmax on the bins' axis"
+    dfl_q = "onnxruntime int8 (default), DFL softmax on the bins' axis"
 
     sizes = {"fp32 (ours, static batch 1)": base.size_bytes, "fp32 (ours, dynamic batch)": dynamic.size_bytes,
              "fp32 (ultralytics export)": ul_path.stat().st_size, "merged-LoRA": lora.size_bytes,
@@ -226,6 +273,11 @@ def main(argv=None) -> int:
         f"export time {t_ours:.1f} s (incl. verification) vs ultralytics {t_ul:.1f} s",
         *([f"- int8 (default) / fp32: {q_default / ref:.2f}x / "
            f"{med_cpu[f'onnxruntime {default_int8}'] / med_cpu[ref_name]:.2f}x (target <= 0.7x)"] if q_default else []),
+        *([f"- int8 (stem conv int8 too: the default before) / fp32: {med[f'onnxruntime {before}'] / ref:.2f}x / "
+           f"{med_cpu[f'onnxruntime {before}'] / med_cpu[ref_name]:.2f}x"] if before in reports else []),
+        *([f"- DFL softmax on the bins' axis: fp32 {med[dfl_f] / ref:.2f}x / {med_cpu[dfl_f] / med_cpu[ref_name]:.2f}x "
+           f"the export's fp32; its int8 (default settings) / its fp32: {med[dfl_q] / med[dfl_f]:.2f}x / "
+           f"{med_cpu[dfl_q] / med_cpu[dfl_f]:.2f}x"] if dfl_f in med and dfl_q in med else []),
         f"- merged-LoRA / base export: {med['onnxruntime merged-LoRA (static batch 1)'] / ref:.2f}x / "
         f"{med_cpu['onnxruntime merged-LoRA (static batch 1)'] / med_cpu[ref_name]:.2f}x; operators equal: "
         f"{lora.op_counts == base.op_counts} ({lora.num_nodes} vs {base.num_nodes} nodes)",
@@ -246,8 +298,29 @@ def main(argv=None) -> int:
               f"{med[f'onnxruntime {label}'] / ref:.2f}x / {med_cpu[f'onnxruntime {label}'] / med_cpu[ref_name]:.2f}x |"
               for label, r in reports.items()],
         ]
+    if args.knobs:
+        kernel_files = {"fp32 (ours)": base.path, "fp32 (ultralytics)": ul_path, "int8 (default)": reports[default_int8].path,
+                        "int8 (stem int8 too)": reports[before].path}
+        lines += ["", "onnxruntime's optimised graphs (ORT_ENABLE_ALL), kernels by type:", "```"]
+        lines += [f"{name:20s} {kernel_counts(path, work)}" for name, path in kernel_files.items()] + ["```"]
     print("\n".join(lines))
     return 0
+
+
+def kernel_counts(path, work: Path) -> str:
+    """The op types of onnxruntime's optimised graph of ``path`` (what runs), most common first."""
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(work / f"{Path(path).stem}.optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    counts = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    return f"{sum(counts.values())} kernels: " + ", ".join(f"{k} {v}" for k, v in counts.most_common(9))
 
 
 if __name__ == "__main__":

@@ -141,9 +141,34 @@ def float_nodes(proto, head_layer: str, keep_head_float: bool, keep_decode_float
     return out
 
 
+def stem_nodes(proto) -> list[str]:
+    """Node names of the stem: each convolution that reads a graph input, with its SiLU (Sigmoid, Mul).
+
+    Left in float, the stem runs as onnxruntime's float Conv with a fused SiLU, and the frame is
+    quantized once, after it, instead of the raw input; a 3-channel int8 convolution is slow.
+    """
+    inputs = {i.name for i in proto.graph.input}
+    consumers: dict[str, list[Any]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    out = []
+    for conv in proto.graph.node:
+        if conv.op_type != "Conv" or conv.input[0] not in inputs:
+            continue
+        out.append(conv.name)
+        y = conv.output[0]
+        for sigmoid in (n for n in consumers.get(y, []) if n.op_type == "Sigmoid"):
+            muls = [m.name for m in consumers.get(sigmoid.output[0], []) if m.op_type == "Mul" and y in m.input]
+            if muls:  # x * sigmoid(x)
+                out += [sigmoid.name, *muls]
+    return out
+
+
 def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_head_float: bool, per_channel: bool,
                  keep_decode_float: bool = True, calibration_method: str = "minmax", activation_type: str = "uint8",
-                 op_types: Sequence[str] | None = None) -> int:
+                 op_types: Sequence[str] | None = None, keep_stem_float: bool = True,
+                 ort_options: dict[str, Any] | None = None) -> int:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -151,6 +176,9 @@ def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_he
 
     proto = onnx.load(str(src))
     exclude = float_nodes(proto, det.metadata.get("head_layer", ""), keep_head_float, keep_decode_float)
+    if keep_stem_float:
+        exclude += stem_nodes(proto)
+    overrides = dict(ort_options or {})
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         try:
@@ -160,13 +188,14 @@ def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_he
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[calibration_method]
         symmetric = activation_type == "int8"
-        quantize_static(
-            str(prepped), str(dst), _FrameReader(frames, det.imgsz, det.input_name),
+        extra = {"CalibMovingAverage": False, "ActivationSymmetric": symmetric, **overrides.pop("extra_options", {})}
+        settings = dict(
             quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8, per_channel=per_channel, calibrate_method=method, nodes_to_exclude=exclude,
             op_types_to_quantize=list(op_types) if op_types else None,
-            extra_options={"CalibMovingAverage": False, "ActivationSymmetric": symmetric},
         )
+        quantize_static(str(prepped), str(dst), _FrameReader(frames, det.imgsz, det.input_name),
+                        **{**settings, **overrides}, extra_options=extra)
     return len(exclude)
 
 
@@ -186,6 +215,8 @@ def quantize_onnx(
     calibration_method: str = "minmax",
     activation_type: str = "uint8",
     op_types: Sequence[str] | None = None,
+    keep_stem_float: bool = True,
+    ort_options: dict[str, Any] | None = None,
 ) -> QuantizeReport:
     """Write a quantized copy of ``onnx_path`` to ``out`` and report size, latency and (given ``dataset``) mAP change.
 
@@ -193,6 +224,8 @@ def quantize_onnx(
         calibration: for ``int8-static``: a data.yaml / COCO json / image folder, or a list of frames of the
             target domain (up to ``max_calibration`` are used, spread over the set).
         mode: ``int8-static`` (QDQ, uint8 activations, int8 per-channel weights, MinMax calibration) or ``fp16``.
+        keep_stem_float: leave the first convolution (the one reading the frame) and its SiLU in float; on by
+            default: faster than its int8 form and no less accurate (docs/benchmarks/export.md).
         keep_head_float: leave the whole Detect head (box / class branches and box decoding) in float.
         keep_decode_float: leave the head's decode tail (DFL, box arithmetic, final concat) in float; on by
             default, since quantizing it erases the class scores (docs/benchmarks/export.md: mAP 0).
@@ -201,6 +234,8 @@ def quantize_onnx(
         activation_type: ``uint8`` (default; U8S8 kernels) or ``int8`` (symmetric; slower on x86).
         op_types: quantize only these operator types (default: every type onnxruntime can quantize;
             ``["Conv"]`` leaves SiLU / Concat / Add in float, which is slower: more Q/DQ transitions).
+        ort_options: keyword arguments for onnxruntime's ``quantize_static`` that override ours (``quant_format``,
+            ``weight_type``, ``reduce_range``, ...; ``extra_options`` entries are merged), for measuring knobs.
     """
     import onnx
 
@@ -222,7 +257,7 @@ def quantize_onnx(
             n_frames = len(frames)
             try:
                 excluded = _int8_static(src, tmp_out, frames, det, keep_head_float, per_channel, keep_decode_float,
-                                        calibration_method, activation_type, op_types)
+                                        calibration_method, activation_type, op_types, keep_stem_float, ort_options)
             except (ConfigError, DataError):
                 raise
             except Exception as exc:
@@ -239,7 +274,10 @@ def quantize_onnx(
                       "calibration_images": str(n_frames)})
         if mode == "int8-static":
             props.update({"calibration_method": calibration_method, "activation_type": activation_type,
-                          "weights": "int8 per-channel" if per_channel else "int8 per-tensor"})
+                          "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
+                          "stem": "float" if keep_stem_float else "int8"})
+            if ort_options:
+                props["quantize_static_overrides"] = repr(ort_options)
         del proto.metadata_props[:]
         for k, v in props.items():
             entry = proto.metadata_props.add()

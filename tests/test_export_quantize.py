@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from export import quantize_onnx
-from export.quantize import float_nodes
+from export.quantize import float_nodes, stem_nodes
 from export.runtime import Detector
 from export.verify import generated_frames
 from models.errors import ConfigError
@@ -45,6 +45,50 @@ def test_float_node_selection(exported):
     assert sorted(float_nodes(proto, "23", True, True)) == sorted(head)
     assert sorted(float_nodes(proto, "23", False, True)) == sorted(tail) and 0 < len(tail) < len(head)
     assert float_nodes(proto, "23", False, False) == [] and float_nodes(proto, "", True, True) == []
+
+
+def test_stem_node_selection(exported):
+    """The stem is the convolution that reads the frame, with its SiLU; nothing else."""
+    _, result = exported
+    proto = onnx.load(result.path)
+    stem = stem_nodes(proto)
+    ops = {n.name: n for n in proto.graph.node}
+    assert [ops[n].op_type for n in stem] == ["Conv", "Sigmoid", "Mul"]
+    conv = ops[stem[0]]
+    assert conv.input[0] == proto.graph.input[0].name
+    assert conv.output[0] in ops[stem[1]].input and {conv.output[0], ops[stem[1]].output[0]} == set(ops[stem[2]].input)
+
+
+def test_stem_stays_float_by_default(exported, tmp_path):
+    """Default: the frame reaches a float Conv (quantized after the stem); keep_stem_float=False quantizes the frame."""
+    _, result = exported
+    frames = generated_frames()
+    stem_conv = stem_nodes(onnx.load(result.path))[0]
+
+    def frame_consumers(path):
+        proto = onnx.load(str(path))
+        dequantized = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+        convs = [n for n in proto.graph.node if n.name == stem_conv]
+        return ({n.op_type for n in proto.graph.node if proto.graph.input[0].name in n.input},
+                convs and convs[0].input[1] in dequantized, {p.key: p.value for p in proto.metadata_props}["stem"])
+
+    default = quantize_onnx(result.path, tmp_path / "d.onnx", calibration=frames, measure=False)
+    assert frame_consumers(default.path) == ({"Conv"}, False, "float")
+    quantized = quantize_onnx(result.path, tmp_path / "s.onnx", calibration=frames, measure=False, keep_stem_float=False)
+    assert frame_consumers(quantized.path) == ({"QuantizeLinear"}, True, "int8")
+    assert quantized.excluded_nodes == default.excluded_nodes - 3
+
+
+def test_onnxruntime_options_override_ours(exported, tmp_path):
+    from onnxruntime.quantization import QuantFormat
+
+    _, result = exported
+    report = quantize_onnx(result.path, tmp_path / "q.onnx", calibration=generated_frames(), measure=False,
+                           ort_options={"quant_format": QuantFormat.QOperator})
+    proto = onnx.load(report.path)
+    assert "QLinearConv" in {n.op_type for n in proto.graph.node}  # QOperator: the quantized ops are in the file
+    assert "QOperator" in {p.key: p.value for p in proto.metadata_props}["quantize_static_overrides"]
+    assert Detector(report.path).detect(generated_frames()[0], conf=0.25) is not None
 
 
 def test_fp16_and_frames_as_calibration(exported, tmp_path):
