@@ -92,3 +92,11 @@ def test_building_a_loader_draws_nothing_from_the_global_rng(tmp_path):
     loader = build_loader(ds, cfg, DistInfo(), epoch=0, start_step=0, steps=1)
     assert torch.equal(torch.rand(3), expected)
     assert [b["img"].shape[0] for b in loader] == [cfg.batch]
+
+
+def test_a_plan_without_one_full_step_is_refused():
+    from models.errors import ConfigError
+
+    assert BatchPlan(n=8, batch=4, accumulate=2).check().steps_per_epoch == 1
+    with pytest.raises(ConfigError, match="has 5 images but one optimizer step needs 6 .*minus 2 replayed"):
+        BatchPlan(n=5, batch=4, accumulate=2, replay_n=3, replay_per_step=2).check()

@@ -129,12 +129,8 @@ def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: Sto
     # 1. data: fail on a missing / empty dataset before building anything heavy
     train_ds, val_ds = build_datasets(cfg)
     replay_ds = build_replay_dataset(cfg, train_ds)
-    plan = BatchPlan.for_run(cfg, len(train_ds), dist_info.world, replay_n=len(replay_ds) if replay_ds is not None else 0)
-    steps_per_epoch = plan.steps_per_epoch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"the training set has {len(train_ds)} images but one optimizer step needs "
-                          f"{plan.targets_per_step} (batch {cfg.batch} x accumulate {cfg.accumulate} x "
-                          f"{dist_info.world} processes, minus {plan.replay_per_step} replayed); lower batch or accumulate")
+    replay_n = len(replay_ds) if replay_ds is not None else 0
+    steps_per_epoch = BatchPlan.for_run(cfg, len(train_ds), dist_info.world, replay_n).check().steps_per_epoch
     total_steps = min(cfg.max_steps or 1 << 62, cfg.epochs * steps_per_epoch)
 
     # 2. model + PEFT + memory savers
@@ -177,20 +173,7 @@ def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: Sto
         for epoch_step in range(start_in_epoch, steps_per_epoch):
             if state.step >= total_steps:
                 break
-            model.train()
-            parts = train_step(run.ddp, criterion, batches, accumulate=cfg.accumulate, device=device,
-                               autocast=autocast, dist_info=dist_info)
-            if not parts["finite"]:
-                _raise_non_finite(run, parts, epoch)
-            grad_norm = clip_gradients(model, cfg)
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                _raise_non_finite(run, {**parts, "what": f"gradient norm {grad_norm}"}, epoch)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = optimizer.param_groups[0]["lr"]
-            run.scheduler.step()
-            if run.ema is not None:
-                run.ema.update(model)
+            parts, grad_norm, lr = optimizer_step(run, batches, epoch)
             state.step += 1
             state.epoch, state.epoch_step = (epoch + 1, 0) if epoch_step + 1 == steps_per_epoch else (epoch, epoch_step + 1)
             losses.append(parts["loss"])
@@ -220,19 +203,8 @@ def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: Sto
 
     # 7. outputs: final evaluation, adapter, merged weights, plots, summary
     result = TrainResult(run_dir=run_dir, status=status, steps=state.step, total_steps=total_steps, losses=losses,
-                         memory=memory, trainable=trainable, best_map50_95=state.best_map50_95)
-    if status == "completed":
-        if not metrics or metrics.get("step") != state.step:
-            metrics = run_eval(run, val_ds, n_epochs - 1, final=True)
-        result.metrics, result.best_map50_95 = metrics, state.best_map50_95
-        if dist_info.is_main:
-            result.adapter_dir, result.merged_dir = write_final_weights(run.eval_model, run_dir)
-            result.best_dir = run_dir / "best" if (run_dir / "best").is_dir() else None
-    result.wall_time_s = time.perf_counter() - started
-    if dist_info.is_main:
-        write_summary(run_dir, cfg, result, dist_info)
-        plot_curves(run_dir)
-    barrier(dist_info)
+                         memory=memory, trainable=trainable, metrics=metrics, best_map50_95=state.best_map50_95)
+    write_outputs(run, result, val_ds, last_epoch=n_epochs - 1, started=started)
     emit({"event": "end", "status": status, "step": state.step, "metrics": result.metrics, "run_dir": str(run_dir)})
     return result
 
@@ -314,6 +286,7 @@ def resolve_resume_config(config: TrainConfig) -> TrainConfig:
 
 # ---------------------------------------------------------------------------- data
 def build_datasets(cfg: TrainConfig):
+    """``(train, val)`` datasets of a run; a missing or empty one raises before anything heavy is built."""
     path = Path(cfg.data)
     if not path.exists():
         raise ConfigError(f"dataset {cfg.data} does not exist; pass a YOLO data.yaml or a COCO json (--data)")
@@ -371,6 +344,14 @@ class BatchPlan:
     @property
     def steps_per_epoch(self) -> int:
         return self.n // self.targets_per_step
+
+    def check(self) -> "BatchPlan":
+        """The plan itself; a training set too small for one optimizer step raises ConfigError."""
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"the training set has {self.n} images but one optimizer step needs "
+                              f"{self.targets_per_step} (batch {self.batch} x accumulate {self.accumulate} x "
+                              f"{self.world} processes, minus {self.replay_per_step} replayed); lower batch or accumulate")
+        return self
 
     def epoch_order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -533,6 +514,26 @@ def train_step(ddp, criterion, batches, *, accumulate: int, device: torch.device
             "items": {"box_loss": float(total[1]), "cls_loss": float(total[2]), "dfl_loss": float(total[3])}}
 
 
+def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], epoch: int) -> tuple[dict[str, Any], float | None, float]:
+    """One optimizer step: forward + backward of its micro-batches, finiteness checks, clipping, the update,
+    the schedule, the EMA. Returns the loss parts, the clipped gradient norm (None: no clipping) and the lr used."""
+    run.model.train()
+    parts = train_step(run.ddp, run.criterion, batches, accumulate=run.cfg.accumulate, device=run.device,
+                       autocast=run.autocast, dist_info=run.dist)
+    if not parts["finite"]:
+        _raise_non_finite(run, parts, epoch)
+    grad_norm = clip_gradients(run.model, run.cfg)
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        _raise_non_finite(run, {**parts, "what": f"gradient norm {grad_norm}"}, epoch)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.model)
+    return parts, grad_norm, lr
+
+
 def items_to_tensor(items) -> torch.Tensor:
     if isinstance(items, dict):
         items = list(items.values())
@@ -692,6 +693,26 @@ def run_eval(run: Run, val_ds, epoch: int, final: bool = False) -> dict[str, Any
             merged_copy(net).save(run.run_dir / "best")  # adapters folded into plain weights
     barrier(run.dist)
     return metrics
+
+
+def write_outputs(run: Run, result: TrainResult, val_ds, last_epoch: int, started: float) -> None:
+    """End of a run: a completed run is evaluated (unless its last step just was) and its weights written;
+    every run gets ``summary.json`` and its curves. Fills in ``result``."""
+    state, run_dir = run.state, run.run_dir
+    if result.status == "completed":
+        if not result.metrics or result.metrics.get("step") != state.step:
+            result.metrics = run_eval(run, val_ds, last_epoch, final=True)
+        result.best_map50_95 = state.best_map50_95
+        if run.dist.is_main:
+            result.adapter_dir, result.merged_dir = write_final_weights(run.eval_model, run_dir)
+            result.best_dir = run_dir / "best" if (run_dir / "best").is_dir() else None
+    else:  # a stopped run reports no metrics: its last evaluation is of an earlier step
+        result.metrics = {}
+    result.wall_time_s = time.perf_counter() - started
+    if run.dist.is_main:
+        write_summary(run_dir, run.cfg, result, run.dist)
+        plot_curves(run_dir)
+    barrier(run.dist)
 
 
 def write_final_weights(net: nn.Module, run_dir: Path) -> tuple[Path | None, Path]:
