@@ -90,8 +90,10 @@ def _trace_to_onnx(model: nn.Module, dummy: torch.Tensor, opset: int, dynamic_ba
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        # torch annotates ``f`` as a path; the TorchScript exporter (dynamo=False) writes to a file object too
         torch.onnx.export(
-            model, (dummy,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
+            model, (dummy,), buf,  # type: ignore[arg-type]
+            dynamo=False, opset_version=opset, do_constant_folding=True,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
         )
     return buf.getvalue()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from models.errors import CheckpointError, ExportError
 from models.io import file_sha256
+
+if TYPE_CHECKING:
+    from models.detection import DetectionModel
 
 
 def _model_dir(path: Path, best: bool) -> Path:
@@ -31,7 +32,7 @@ def _model_dir(path: Path, best: bool) -> Path:
     )
 
 
-def load_source(source: Any, best: bool = False) -> tuple[nn.Module, str, str]:
+def load_source(source: Any, best: bool = False) -> tuple[DetectionModel, str, str]:
     """``(model in eval mode, description, checkpoint sha256)`` for a DetectionModel, a model / run dir or a model name."""
     from models.detection import DetectionModel
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from export.onnx_export import _check_imgsz
 from export.source import load_source
 from service.layers.peft import has_peft_layers, merged_copy
 from export.metadata import project_version
+
+if TYPE_CHECKING:
+    from models.detection import DetectionModel
 
 #: Largest raw-output difference between the reloaded file and the source model, relative to the largest
 #: output value (box coordinates in input pixels dominate): ultralytics fuses Conv+BN on load, fp16 rounds weights.
@@ -61,7 +64,7 @@ class UltralyticsExportResult:
         return asdict(self)
 
 
-def to_ultralytics_model(model: torch.nn.Module, imgsz: int):
+def to_ultralytics_model(model: DetectionModel, imgsz: int):
     """ultralytics' own DetectionModel with ``model``'s (merged, float) weights, names and input size."""
     from ultralytics.nn.tasks import DetectionModel as UltralyticsDetectionModel
 

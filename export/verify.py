@@ -140,7 +140,8 @@ def verify_onnx(
     was_training = model.training
     model.eval()
     box_diff = score_diff = 0.0
-    totals = {"required": 0, "matched": 0, "class_mismatches": 0, "min_iou": 1.0}
+    totals = {"required": 0, "matched": 0, "class_mismatches": 0}
+    min_iou = 1.0
     n_ref = n_onnx = 0
     try:
         param = next(model.parameters())
@@ -158,15 +159,15 @@ def verify_onnx(
             n_ref, n_onnx = n_ref + len(a[0]), n_onnx + len(b[0])
             # boxes within the score tolerance of the threshold may fairly fall on either side of it
             m = match_boxes(a, b, conf, match_iou, score_margin=tol["score_atol"])
-            for key in ("required", "matched", "class_mismatches"):
+            for key in totals:
                 totals[key] += m[key]
-            totals["min_iou"] = min(totals["min_iou"], m["min_iou"])
+            min_iou = min(min_iou, m["min_iou"])
     finally:
         model.train(was_training)
     report = VerifyReport(
         images=len(frames), max_abs_diff=max(box_diff, score_diff), max_box_diff=box_diff, max_score_diff=score_diff,
         boxes_reference=n_ref, boxes_onnx=n_onnx, matched=totals["matched"], required=totals["required"],
-        min_iou=totals["min_iou"], class_mismatches=totals["class_mismatches"], conf=conf, iou_threshold=iou,
+        min_iou=min_iou, class_mismatches=totals["class_mismatches"], conf=conf, iou_threshold=iou,
         match_iou=match_iou, tolerance=tol,
     )
     report.passed = (

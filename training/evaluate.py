@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -107,6 +107,17 @@ class DetectionStats:
         return result
 
 
+@runtime_checkable
+class Evaluable(Protocol):
+    """What :func:`evaluate` reads of a model besides running it: a DetectionModel, or ``export.evaluate.OnnxModule``."""
+
+    names: dict[int, str]
+    imgsz: int
+
+    @property
+    def nc(self) -> int: ...
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
@@ -135,8 +146,12 @@ def evaluate(
     from training.data import build_dataset, collate
 
     model_ = _unwrap(model)
+    if not isinstance(model_, Evaluable):
+        from models.errors import ConfigError
+
+        raise ConfigError(f"evaluate needs a detector with names, nc and imgsz, not a {type(model_).__name__}")
     if isinstance(data, (str, Path)):
-        data = build_dataset(str(data), split=split, imgsz=int(imgsz or getattr(model_, "imgsz", 320)), augment=False)
+        data = build_dataset(str(data), split=split, imgsz=int(imgsz or model_.imgsz), augment=False)
     model_names = [model_.names[i] for i in range(model_.nc)]
     names = list(getattr(data, "names", None) or model_names)
     if names != model_names:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 EPILOG = """examples:
   glasses-vision data synth --domain source --n 2000 --imgsz 160 --seed 0 --out data/source
@@ -82,7 +83,8 @@ def run_check(args) -> int:
     from models.errors import DataError
     from training.data import build_dataset
 
-    report, problems = {}, 0
+    report: dict[str, dict[str, Any]] = {}
+    problems = 0
     splits = [None] if Path(args.data).suffix.lower() == ".json" else args.splits
     for split in splits:
         name = split or "json"

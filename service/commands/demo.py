@@ -27,7 +27,7 @@ from typing import Any
 #: 400 train + 200 val frames at the base's size), so the ceiling measured there applies to it.
 FRAMES, VAL_FRAMES, DATA_SEED = 600, 200, 21
 #: The adaptation: the benchmark row ``full-coap-ckpt`` (see docs/benchmarks/adaptation.md).
-SETUP = dict(peft="none", optimizer="coap", grad_checkpoint=["backbone", "neck", "head"], lr=1e-3, batch=16)
+SETUP: dict[str, Any] = dict(peft="none", optimizer="coap", grad_checkpoint=["backbone", "neck", "head"], lr=1e-3, batch=16)
 STEPS = 250
 
 
@@ -178,7 +178,7 @@ def draw_before_after(base, adapted_onnx: Path, data: Path, out: Path, frames: i
             grid[r * (h + 6): r * (h + 6) + h, c * (w + 6): c * (w + 6) + w] = image
     path = out / "before_after.png"
     buffer = io.BytesIO()
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(buffer, format="PNG")
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.Resampling.NEAREST).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
     return path
 

@@ -84,7 +84,7 @@ def load_predictor(spec: str, imgsz: int | None = None, threads: int | None = No
         if imgsz is not None and (imgsz, imgsz) != tuple(det.imgsz):
             raise ConfigError(f"{path} takes {det.imgsz[0]}x{det.imgsz[1]} inputs, not {imgsz}; drop --imgsz or "
                               f"export it again with `glasses-vision export --imgsz {imgsz}`")
-        return Predictor(det.raw, list(det.names), tuple(det.imgsz), str(path), "onnxruntime")
+        return Predictor(det.raw, list(det.names), det.imgsz, str(path), "onnxruntime")
     if path.is_file():
         hint = (" it is an ultralytics checkpoint: import it first with `glasses-vision import --trust-pickle`,"
                 if path.suffix.lower() == ".pt" else "")
@@ -303,7 +303,10 @@ def predict(
             if save:
                 target = outputs.out / f"{stem}{path.suffix.lower()}"
                 image: Image.Image = draw_detections(frame, dets)
-                image.save(target, **({"quality": 95} if target.suffix in (".jpg", ".jpeg") else {}))
+                if target.suffix in (".jpg", ".jpeg"):
+                    image.save(target, quality=95)
+                else:
+                    image.save(target)
                 summary.written.append(str(target))
     finally:
         bar.close()
@@ -324,7 +327,7 @@ def _predict_video(path, stem, opened, detect, outputs: Outputs, summary: Summar
     cap, info = opened
     writer, target = None, outputs.out / f"{stem}.mp4"
     if outputs.save:
-        writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*"mp4v"), info.fps, (info.width, info.height))
+        writer = cv2.VideoWriter(str(target), cv2.VideoWriter.fourcc(*"mp4v"), info.fps, (info.width, info.height))
         if not writer.isOpened():
             raise DataError(f"OpenCV cannot write {target} (mp4v codec, {info.width}x{info.height} at {info.fps} fps)")
     seen = 0

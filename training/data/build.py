@@ -18,19 +18,19 @@ from training.data.yolo import YoloDataset, read_data_yaml
 def build_dataset(data: str | Path | dict, split: str = "train", imgsz: int = 320, augment: bool | AugmentConfig = False,
                   *, strict: bool = True, check_images: bool = True) -> DetectionDataset:
     """A dataset for ``split`` of a ``data.yaml`` (or its folder; a split may also be a COCO ``.json``) or of a COCO json file."""
-    kw = dict(imgsz=imgsz, augment=augment, strict=strict, check_images=check_images)
     if isinstance(data, (str, Path)) and Path(data).is_dir():
         data = Path(data) / "data.yaml"  # a dataset folder as generate_dataset writes it
     if isinstance(data, (str, Path)) and Path(data).suffix.lower() == ".json":
-        return CocoDataset(Path(data), **kw)
+        return CocoDataset(Path(data), imgsz=imgsz, augment=augment, strict=strict, check_images=check_images)
     cfg = data if isinstance(data, dict) else read_data_yaml(data)
     if split not in cfg:
         present = [s for s in ("train", "val", "test") if s in cfg]
         raise DataError(f"{cfg.get('yaml_file', 'dataset')} has no '{split}' split; it has {', '.join(present)}")
     sources = cfg[split]
     if len(sources) == 1 and sources[0].suffix.lower() == ".json":
-        ds = CocoDataset(sources[0], **kw)
+        ds = CocoDataset(sources[0], imgsz=imgsz, augment=augment, strict=strict, check_images=check_images)
         if ds.names != cfg["names"]:
             raise DataError(f"{sources[0]}: categories {ds.names} differ from the names {cfg['names']} in {cfg['yaml_file']}")
         return ds
-    return YoloDataset(sources, cfg["names"], source=f"{cfg.get('yaml_file', '')}[{split}]", **kw)
+    return YoloDataset(sources, cfg["names"], source=f"{cfg.get('yaml_file', '')}[{split}]", imgsz=imgsz, augment=augment,
+                       strict=strict, check_images=check_images)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,7 +100,8 @@ def write_coco(dataset: DetectionDataset, out: str | Path, *, image_root: str | 
     """Write ``dataset``'s labels as a COCO json (``file_name`` relative to ``image_root``, default the json's folder)."""
     out = Path(out)
     root = Path(image_root) if image_root else out.parent
-    images, anns = [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for i, r in enumerate(dataset.records):
         with pil_open(r.im_file) as im:
             w, h = im.size

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from models.detection import DetectionModel
 from models.errors import ConfigError
 from service.layers.tuners.base import (
     BaseTunerLayer,
@@ -95,14 +96,15 @@ class AdapterLayer(BaseTunerLayer):
         self.hidden: dict[str, int] = {}
         self.adapter_scale: dict[str, float] = {}
 
-    def update_layer(self, name: str, config: AdapterConfig, channels: int, hidden: int) -> None:
+    # TODO(lead): drop the ignore once base.BaseTunerLayer declares update_layer as Callable[..., None]
+    def update_layer(self, name: str, config: AdapterConfig, channels: int, hidden: int) -> None:  # type: ignore[override]
         like = next(self.base_layer.parameters())
         activation, scale = config.activation, config.scale
-        kw = {"device": like.device, "dtype": like.dtype}
-        self.adapter_down[name] = nn.Conv2d(channels, hidden, 1, **kw)
-        self.adapter_up[name] = nn.Conv2d(hidden, channels, 1, **kw)
-        nn.init.zeros_(self.adapter_up[name].weight)
-        nn.init.zeros_(self.adapter_up[name].bias)
+        up = nn.Conv2d(hidden, channels, 1, device=like.device, dtype=like.dtype)
+        for p in up.parameters():  # weight and bias: a fresh adapter adds nothing
+            nn.init.zeros_(p)
+        self.adapter_down[name] = nn.Conv2d(channels, hidden, 1, device=like.device, dtype=like.dtype)
+        self.adapter_up[name] = up
         self.adapter_act[name] = ACTIVATIONS[activation]()
         self.hidden[name] = int(hidden)
         self.adapter_scale[name] = float(scale)
@@ -127,14 +129,14 @@ class AdapterLayer(BaseTunerLayer):
         return None
 
 
-def _output_channels(root: nn.Module, indices: list[int]) -> dict[int, int]:
+def _output_channels(root: DetectionModel, indices: list[int]) -> dict[int, int]:
     """Output channels of the given YOLO layers, from one small eval forward pass."""
     layers = root.model
     found: dict[int, int] = {}
     hooks = [layers[i].register_forward_hook(lambda m, a, out, i=i: found.__setitem__(i, out.shape[1])) for i in indices]
     was_training = root.training
     param = next(root.parameters())
-    size = int(getattr(root, "max_stride", 32)) * 2
+    size = root.max_stride * 2
     try:
         root.eval()
         with torch.no_grad():
@@ -146,6 +148,10 @@ def _output_channels(root: nn.Module, indices: list[int]) -> dict[int, int]:
     return found
 
 
+def _holds_adapter(layer: nn.Module, adapter_name: str) -> bool:
+    return isinstance(layer, AdapterLayer) and adapter_name in layer.adapter_names
+
+
 def apply_adapters(module: nn.Module, config: AdapterConfig | None = None, adapter_name: str = "default", **settings) -> nn.Module:
     """Insert bottleneck adapters after the chosen blocks of a DetectionModel.
 
@@ -154,7 +160,7 @@ def apply_adapters(module: nn.Module, config: AdapterConfig | None = None, adapt
     """
     config = build_config(AdapterConfig, config, settings)
     root, scope = root_model(module)
-    if not hasattr(root, "part_bounds") or not isinstance(getattr(root, "model", None), (nn.ModuleList, nn.Sequential)):
+    if not isinstance(root, DetectionModel):
         raise ConfigError("bottleneck adapters go after YOLO blocks: pass a DetectionModel or one of its parts")
     check_new_adapter_name(root, adapter_name)
     layers = root.model
@@ -174,9 +180,9 @@ def apply_adapters(module: nn.Module, config: AdapterConfig | None = None, adapt
     chosen = sorted({i for i in chosen if scope is None or part_of(root, f"model.{i}") in scope})
     if not chosen:
         raise ConfigError("no block selected for adapters; use after=['backbone'] / ['neck'] or layer indices")
-    need = [i for i in chosen if not (isinstance(layers[i], AdapterLayer) and adapter_name in layers[i].adapter_names)]
+    need = [i for i in chosen if not _holds_adapter(layers[i], adapter_name)]
     channels = _output_channels(root, need)
-    hidden_pattern = {}
+    hidden_pattern: dict[str, int] = {}
     for i in need:
         name = f"model.{i}"
         c = channels[i]

@@ -74,7 +74,9 @@ def combine_adapters(
     generator = torch.Generator().manual_seed(seed)
     rank_pattern: dict[str, int] = {}
     for lname, layer in iter_tuner_layers(root):
-        sources = [a for a in weights if isinstance(layer, LoRALayer) and a in layer.adapter_names]
+        if not isinstance(layer, LoRALayer):
+            continue
+        sources = [a for a in weights if a in layer.adapter_names]
         if not sources:
             continue
         if any(a in layer.lora_variant for a in sources):
@@ -83,8 +85,8 @@ def combine_adapters(
             raise ConfigError("unmerge_lora before combining adapters")
         with torch.no_grad():
             if method == "linear":
-                a_new = torch.cat([layer.lora_A[a].weight for a in sources], dim=0)
-                b_new = torch.cat([layer.lora_B[a].weight * (weights[a] * layer.scaling[a]) for a in sources], dim=1)
+                a_new = torch.cat([layer.lora_weights(a)[0] for a in sources], dim=0)
+                b_new = torch.cat([layer.lora_weights(a)[1] * (weights[a] * layer.scaling[a]) for a in sources], dim=1)
                 if rank is not None and rank < a_new.shape[0]:
                     a_new, b_new = _factorise(_delta(layer, a_new, b_new), rank, layer)
             else:
@@ -95,8 +97,9 @@ def combine_adapters(
         r = a_new.shape[0]
         layer.add_lora(name, r, float(r))
         with torch.no_grad():
-            layer.lora_A[name].weight.copy_(a_new)
-            layer.lora_B[name].weight.copy_(b_new)
+            a_weight, b_weight = layer.lora_weights(name)
+            a_weight.copy_(a_new)
+            b_weight.copy_(b_new)
         rank_pattern[lname] = r
     if not rank_pattern:
         raise ConfigError(f"none of {list(weights)} is a LoRA adapter held by a LoRA layer")

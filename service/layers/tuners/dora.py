@@ -43,8 +43,8 @@ class DoraVariant(LoraVariant):
 
     def init(self, layer: LoRALayer, name: str) -> None:
         weight = layer.base_weight().detach().float()
-        kw = {"device": weight.device, "dtype": layer.lora_A[name].weight.dtype}
-        layer.lora_magnitude_vector[name] = nn.Parameter(weight_norm(weight).to(**kw))
+        dtype = layer.lora_weights(name)[0].dtype
+        layer.lora_magnitude_vector[name] = nn.Parameter(weight_norm(weight).to(device=weight.device, dtype=dtype))
 
     def scale(self, layer: LoRALayer, name: str, weight: torch.Tensor) -> torch.Tensor:
         norm = weight_norm(weight.float() + layer.get_delta_weight(name).float())

@@ -20,7 +20,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +157,7 @@ HF_UNSUPPORTED = {"fan_in_fan_out": False, "layers_to_transform": None, "layers_
                   "use_bdlora": None, "alora_invocation_tokens": None}
 
 
-def hf_pattern_key(patterns: Sequence[str], name: str) -> str | None:
+def hf_pattern_key(patterns: Iterable[str], name: str) -> str | None:
     """The first key of an HF PEFT ``rank_pattern`` / ``alpha_pattern`` that selects module ``name``
     (HF PEFT's rule: the key, as a regex, matches a dotted suffix of the name)."""
     for key in patterns:
@@ -201,7 +201,9 @@ def _layer_dims(module: nn.Module) -> tuple[int, int, int]:
     """``(c_in, c_out, kernel elements)``."""
     if isinstance(module, nn.Conv2d):
         return module.in_channels, module.out_channels, module.kernel_size[0] * module.kernel_size[1]
-    return module.in_features, module.out_features, 1
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, 1
+    raise ConfigError(f"LoRA supports Conv2d and Linear layers, not {type(module).__name__}")
 
 
 def adapter_share(module: nn.Module, r: int) -> float:
@@ -257,6 +259,7 @@ class LoRALayer(BaseTunerLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
     other_param_names = ("lora_dropout", "r", "lora_alpha", "scaling", "lora_variant")
     target_kinds = (nn.Conv2d, nn.Linear)
+    base_layer: nn.Conv2d | nn.Linear
 
     def __init__(self, base_layer: nn.Module):
         if not isinstance(base_layer, (nn.Conv2d, nn.Linear)):
@@ -296,11 +299,12 @@ class LoRALayer(BaseTunerLayer):
         return self.base_layer(x)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.is_conv:
+        if isinstance(self.base_layer, nn.Conv2d):
             return self.base_layer._conv_forward(x, weight, bias)
         return F.linear(x, weight, bias)
 
-    def update_layer(self, adapter_name: str, config: LoRAConfig, r: int, alpha: float) -> None:
+    # TODO(lead): drop the ignore once base.BaseTunerLayer declares update_layer as Callable[..., None]
+    def update_layer(self, adapter_name: str, config: LoRAConfig, r: int, alpha: float) -> None:  # type: ignore[override]
         """Add adapter ``adapter_name`` with rank ``r`` and scale numerator ``alpha``."""
         self.add_lora(adapter_name, r, alpha, config.dropout, config.use_rslora, self.resolve_lora_variant(config))
 
@@ -310,14 +314,17 @@ class LoRALayer(BaseTunerLayer):
             raise ConfigError("cannot add an adapter while others are merged; call unmerge_lora first")
         base = self.base_layer
         weight = self.base_weight()
-        kw = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
-        if self.is_conv:
-            a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
-                          bias=False, padding_mode=base.padding_mode, **kw)
-            b = nn.Conv2d(r, base.out_channels, 1, bias=False, **kw)
+        device, dtype = weight.device, weight.dtype if weight.is_floating_point() else torch.float32
+        a: nn.Conv2d | nn.Linear
+        b: nn.Conv2d | nn.Linear
+        if isinstance(base, nn.Conv2d):
+            # torch types a Conv2d's kernel_size / stride / padding / dilation as tuple[int, ...]; they are pairs
+            a = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,  # type: ignore[arg-type]
+                          bias=False, padding_mode=base.padding_mode, device=device, dtype=dtype)
+            b = nn.Conv2d(r, base.out_channels, 1, bias=False, device=device, dtype=dtype)
         else:
-            a = nn.Linear(base.in_features, r, bias=False, **kw)
-            b = nn.Linear(r, base.out_features, bias=False, **kw)
+            a = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
+            b = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
         nn.init.zeros_(b.weight)
         self.lora_A[name], self.lora_B[name] = a, b
@@ -329,10 +336,15 @@ class LoRALayer(BaseTunerLayer):
             self.lora_variant[name] = variant
             variant.init(self, name)
 
+    def lora_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights of adapter ``name``'s ``A`` and ``B`` convs / linears."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        assert isinstance(a, (nn.Conv2d, nn.Linear)) and isinstance(b, (nn.Conv2d, nn.Linear))  # what add_lora made
+        return a.weight, b.weight
+
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """``s * (B (x) A)`` shaped like the base weight (a k x k kernel for convs)."""
-        a = self.lora_A[name].weight
-        b = self.lora_B[name].weight
+        a, b = self.lora_weights(name)
         if self.is_conv:
             delta = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
         else:
@@ -465,7 +477,8 @@ def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, wei
     if not ratio > 0:
         raise ConfigError(f"ratio must be > 0, got {ratio!r}")
     b_ids = {id(p) for m in model.modules() if isinstance(m, LoRALayer) for b in m.lora_B.values() for p in b.parameters()}
-    fast, rest = [], []
+    fast: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (fast if id(p) in b_ids else rest).append(p)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 from torch import nn
 
@@ -18,6 +18,8 @@ from service.layers.tuners.base import (
     replace_module,
     root_model,
 )
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -70,14 +72,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     refresh_trainable(root)
 
 
-def merged_copy(model: nn.Module) -> nn.Module:
+def merged_copy(model: ModuleT) -> ModuleT:
     """A deep copy with every adapter folded into its base weights and the wrappers removed (NF4 bases come
     back as float32): a plain model to save or export. ``model`` itself is untouched."""
     out = copy.deepcopy(model)
     return merge_lora(out) if has_peft_layers(out) else out
 
 
-def merge_lora(model: nn.Module, adapter_names: Sequence[str] | None = None, unload: bool = True) -> nn.Module:
+def merge_lora(model: ModuleT, adapter_names: Sequence[str] | None = None, unload: bool = True) -> ModuleT:
     """Fold adapters into the base weights.
 
     With ``unload=True`` (default) every PEFT wrapper is removed afterwards: the

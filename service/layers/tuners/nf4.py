@@ -40,6 +40,13 @@ class NF4Weight(nn.Module):
         double_quant: store the block scales as int8 with a float32 scale per ``scale_blocksize`` blocks.
     """
 
+    # buffers, registered in __init__ (``absmax`` without double quantisation, the other three with it)
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    absmax_q: torch.Tensor
+    absmax_scale: torch.Tensor
+    absmax_offset: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True, scale_blocksize: int = 256):
         super().__init__()
         if blocksize <= 0 or blocksize % 2:

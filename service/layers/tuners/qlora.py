@@ -63,25 +63,30 @@ class QLoRALayer(LoRALayer):
         self.nf4 = NF4Weight(self.base_layer.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         del self.base_layer.weight
 
-    def update_layer(self, adapter_name: str, config: LoRAConfig, r: int, alpha: float) -> None:
+    # TODO(lead): drop the ignore once base.BaseTunerLayer declares update_layer as Callable[..., None]
+    def update_layer(self, adapter_name: str, config: LoRAConfig, r: int, alpha: float) -> None:  # type: ignore[override]
         super().update_layer(adapter_name, config, r, alpha)
         self.quantize(getattr(config, "blocksize", 64), getattr(config, "double_quant", True))
 
-    def _has_float_weight(self) -> bool:
-        return self.nf4 is None or "weight" in self.base_layer._parameters
+    def _nf4_only(self) -> NF4Weight | None:
+        """The NF4 weight while it is the only base weight (None: a float weight exists)."""
+        return None if "weight" in self.base_layer._parameters else self.nf4
 
     def base_weight(self) -> torch.Tensor:
         """The base weight in float (dequantised while not merged)."""
-        return self.base_layer.weight if self._has_float_weight() else self.nf4.dequantize()
+        nf4 = self._nf4_only()
+        return self.base_layer.weight if nf4 is None else nf4.dequantize()
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._has_float_weight():
+        nf4 = self._nf4_only()
+        if nf4 is None:
             return super().base_forward(x)
-        return self._apply_weight(x, self.nf4.dequantize(), self.base_layer.bias)
+        return self._apply_weight(x, nf4.dequantize(), self.base_layer.bias)
 
     def _ensure_weight_param(self) -> None:
-        if not self._has_float_weight():
-            self.base_layer.weight = nn.Parameter(self.nf4.dequantize().detach().clone(), requires_grad=False)
+        nf4 = self._nf4_only()
+        if nf4 is not None:
+            self.base_layer.weight = nn.Parameter(nf4.dequantize().detach().clone(), requires_grad=False)
 
     @torch.no_grad()
     def merge(self, names=None) -> None:
@@ -96,10 +101,11 @@ class QLoRALayer(LoRALayer):
         if self.nf4 is not None:
             del self.base_layer.weight  # back to the quantised weight, bit for bit
 
-    def stored_base_tensors(self):
-        if self._has_float_weight():
+    def stored_base_tensors(self) -> list[tuple[str, tuple[int, ...], int, str]]:
+        nf4 = self._nf4_only()
+        if nf4 is None:
             return []
-        return [("weight", tuple(self.nf4.shape), self.nf4.storage_bytes(), "base (NF4, frozen)")]
+        return [("weight", tuple(nf4.shape), nf4.storage_bytes(), "base (NF4, frozen)")]
 
     def can_unwrap(self) -> bool:
         return self.nf4 is None  # the float weight is gone: the wrapper stays to hold the NF4 copy

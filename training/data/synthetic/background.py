@@ -16,7 +16,7 @@ def background(rng: np.random.Generator, size: int) -> Image.Image:
     yy = np.arange(size, dtype=np.float32)[:, None, None]
     img = np.where(yy < horizon, wall, table) * np.ones((1, size, 1), np.float32)
     low = rng.random((5, 5, 3)).astype(np.float32) * 255
-    light = np.asarray(Image.fromarray(low.astype(np.uint8)).resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    light = np.asarray(Image.fromarray(low.astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255.0
     img *= 0.75 + 0.5 * light.mean(2, keepdims=True) + 0.1 * (light - 0.5)
     if rng.random() < 0.5:  # wood grain / tiles on the table
         freq, phase = rng.uniform(0.15, 0.6), rng.uniform(0, 6.3)
@@ -29,7 +29,7 @@ def background(rng: np.random.Generator, size: int) -> Image.Image:
         x0, y0 = rng.uniform(-0.1, 1.0, 2) * size
         w, h = rng.uniform(0.05, 0.4, 2) * size
         base = wall if y0 < horizon else table
-        col = shade(tuple(int(c) for c in base), rng.uniform(0.6, 1.4)) if rng.random() < 0.7 else random_color(rng, (0.0, 0.5), (0.2, 0.8))
+        col = shade((int(base[0]), int(base[1]), int(base[2])), rng.uniform(0.6, 1.4)) if rng.random() < 0.7 else random_color(rng, (0.0, 0.5), (0.2, 0.8))
         kind = rng.integers(3)
         if kind == 0:
             draw.rectangle([x0, y0, x0 + w, y0 + h], fill=col)

@@ -28,9 +28,12 @@ class CameraWarp:
         self.identity = self.k == 0.0 and self.tilt_deg == 0.0
         c = (size - 1) / 2.0
         v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+        self.map_x: np.ndarray
+        self.map_y: np.ndarray
         self.map_x, self.map_y = self.inverse(u, v) if not self.identity else (u, v)
         self._c = c
-        self._taps = self._nearest = None
+        self._taps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._nearest: np.ndarray | None = None
 
     def inverse(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scene coordinates sampled by output pixel centres ``(u, v)``."""
@@ -53,9 +56,9 @@ class CameraWarp:
         x, y = self.inverse(u, v)
         return list(zip(x.tolist(), y.tolist()))
 
-    def _bilinear_taps(self):
+    def _bilinear_taps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Flat indices of the four neighbours and the weights of every output pixel (computed once)."""
-        if getattr(self, "_taps", None) is None:
+        if self._taps is None:
             n = self.size
             x = np.clip(self.map_x, 0, n - 1)
             y = np.clip(self.map_y, 0, n - 1)
@@ -87,7 +90,7 @@ class CameraWarp:
     def warp_labels(self, labels: np.ndarray) -> np.ndarray:
         if self.identity:
             return labels
-        if getattr(self, "_nearest", None) is None:
+        if self._nearest is None:
             n = self.size
             x = np.clip(np.rint(self.map_x).astype(np.int64), 0, n - 1)
             y = np.clip(np.rint(self.map_y).astype(np.int64), 0, n - 1)

@@ -138,7 +138,7 @@ def _silhouette_area(parts: list[Part], size: float, angle: float) -> tuple[int,
 
 def _place(rng, half, S, cut, boxes, max_iou):
     """Centre for an object of half extents ``half``: inside the frame, or across a border when ``cut``."""
-    best = None
+    best: tuple[float, float, float, np.ndarray] | None = None
     for _ in range(8):
         if cut:
             side = rng.integers(4)
@@ -161,6 +161,7 @@ def _place(rng, half, S, cut, boxes, max_iou):
             best = (worst, cx, cy, box)
         if worst <= max_iou:
             break
+    assert best is not None  # the loop ran
     return best[1], best[2], best[3]
 
 
@@ -200,7 +201,8 @@ def render_sample(
 
     for _ in range(int(scene.integers(2, 6))):  # distractors under the objects
         parts = distractor(scene)
-        _draw(parts, scene.uniform(0.1, 0.35) * S, scene.uniform(0, 360), *scene.uniform(0, S, 2), [draw], [black])
+        x, y = scene.uniform(0, S, 2)
+        _draw(parts, scene.uniform(0.1, 0.35) * S, scene.uniform(0, 360), x, y, [draw], [black])
 
     n_obj = int(scene.integers(1, 6 if domain == "source" else 7))
     objects = []  # (class id, full silhouette pixels)
@@ -220,7 +222,8 @@ def render_sample(
 
     for _ in range(int(scene.integers(0, 3))):  # small distractors over the objects
         parts = distractor(scene)
-        _draw(parts, scene.uniform(0.08, 0.2) * S, scene.uniform(0, 360), *scene.uniform(0, S, 2), [draw, ldraw], [black, 0])
+        x, y = scene.uniform(0, S, 2)
+        _draw(parts, scene.uniform(0.08, 0.2) * S, scene.uniform(0, 360), x, y, [draw, ldraw], [black, 0])
 
     hr = erng["hands"]
     n_hands = int(hr.random() < 0.55 * min(eff.hands, 1.0)) + int(hr.random() < 0.15 * min(eff.hands, 1.0))
