@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from models.processing import LETTERBOX_COLOR
 
@@ -36,7 +41,16 @@ class AugmentConfig:
 
 
 class DetectionAugment:
-    """Applies one random augmentation to a letterboxed ``uint8 3xSxS`` image and its ``xyxy`` pixel boxes."""
+    """Applies one random augmentation to a letterboxed image and its ``xyxy`` pixel boxes.
+
+    The image is a PIL RGB image or a ``uint8 3xSxS`` tensor; the result is a ``uint8 3xSxS`` tensor.
+    The transforms run on the PIL image, with one torch thread (as in a DataLoader worker): torchvision's
+    PIL kernels are single C calls, while its tensor kernels are dozens of small torch ops per image
+    (colour jitter's hue step converts to HSV in float), 10-100x slower on one training frame, and with
+    several intra-op threads ``torch.aminmax`` (the box affine) and the copy of one frame wake the thread
+    pool for microseconds of work, which costs milliseconds on a busy machine. These were the largest
+    cost of a CPU training step after the model itself (docs/benchmarks/train_step.md).
+    """
 
     def __init__(self, config: AugmentConfig | None = None):
         c = config or AugmentConfig()
@@ -49,12 +63,31 @@ class DetectionAugment:
             v2.SanitizeBoundingBoxes(min_size=c.min_box),
         ])
 
-    def __call__(self, image: torch.Tensor, boxes_xyxy: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h, w = image.shape[-2:]
+    def __call__(self, image: Image.Image | torch.Tensor, boxes_xyxy: torch.Tensor,
+                 classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if isinstance(image, torch.Tensor):
+            image = F.to_pil_image(image)
         sample = {
-            "image": tv_tensors.Image(image),
-            "boxes": tv_tensors.BoundingBoxes(boxes_xyxy, format="XYXY", canvas_size=(h, w)),
+            "image": image,
+            "boxes": tv_tensors.BoundingBoxes(boxes_xyxy, format="XYXY", canvas_size=(image.height, image.width)),
             "labels": classes,
         }
-        out = self.transform(sample)
-        return out["image"].as_subclass(torch.Tensor), out["boxes"].as_subclass(torch.Tensor), out["labels"]
+        with single_thread():
+            out = self.transform(sample)
+        # numpy makes the CHW copy: a torch copy of one frame would wake the intra-op thread pool again
+        image = torch.from_numpy(np.ascontiguousarray(np.asarray(out["image"]).transpose(2, 0, 1)))
+        return image, out["boxes"].as_subclass(torch.Tensor), out["labels"]
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block with one torch intra-op thread, then restore the thread count."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

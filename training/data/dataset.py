@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from models.images import pil_open
 from models.errors import DataError
@@ -155,11 +155,12 @@ class DetectionDataset(torch.utils.data.Dataset):
         else:
             boxed, cls_np, boxes, info, orig = self._letterboxed(i, self.imgsz)
         h, w = info.orig_h, info.orig_w
-        img = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))
         cls = torch.from_numpy(cls_np)
         boxes_t = torch.from_numpy(boxes.astype(np.float32))
-        if self.augment is not None:
-            img, boxes_t, cls = self.augment(img, boxes_t, cls)
+        if self.augment is None:
+            img = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))
+        else:
+            img, boxes_t, cls = self.augment(Image.fromarray(boxed), boxes_t, cls)  # PIL: see DetectionAugment
             back = (boxes_t.numpy() - np.array([info.pad_x, info.pad_y] * 2, np.float32)) / info.ratio
             back[:, [0, 2]] = back[:, [0, 2]].clip(0, w)
             back[:, [1, 3]] = back[:, [1, 3]].clip(0, h)
