@@ -90,6 +90,9 @@ SETUPS: tuple[Setup, ...] = (
     # tuning rows: the choices behind the defaults above
     Setup("lora-coap-ckpt-lr2e-3", "tuning: LoRA + COAP + ckpt at lr 2e-3", {**LORA, **COAP, **CKPT, "lr": 2e-3}),
     Setup("lora-coap-ckpt-lr1e-2", "tuning: LoRA + COAP + ckpt at lr 1e-2", {**LORA, **COAP, **CKPT, "lr": 1e-2}),
+    Setup("lora-r16-coap-ckpt", "tuning: LoRA r=16 + COAP + ckpt", {**LORA, "rank": 16, **COAP, **CKPT, "lr": PEFT_LR}),
+    Setup("lora-r32-coap-ckpt", "tuning: LoRA r=32 + COAP + ckpt", {**LORA, "rank": 32, **COAP, **CKPT, "lr": PEFT_LR}),
+    Setup("dora-coap-ckpt", "tuning: DoRA r=8 + COAP + ckpt", {"peft": "dora", "rank": 8, **COAP, **CKPT, "lr": PEFT_LR}),
     Setup("lora-coap-ckpt-mosaic", "tuning: LoRA + COAP + ckpt, mosaic 0.5",
           {**LORA, **COAP, **CKPT, "lr": PEFT_LR, "augment_settings": {"mosaic": 0.5}}),
 )
@@ -486,6 +489,19 @@ def report(rows: list[dict[str, Any]], results: dict[str, Any], scale: Scale, co
     return "\n".join(lines) + "\n"
 
 
+#: the hand-written reading of the table; a re-render keeps it (and everything after it)
+ANALYSIS_HEADING = "## What the table says"
+
+
+def kept_analysis(doc: Path) -> str:
+    """The analysis section of an existing report, to append to a re-rendered one ('' if none)."""
+    if not doc.is_file():
+        return ""
+    text = doc.read_text()
+    start = text.find(ANALYSIS_HEADING)
+    return "" if start < 0 else "\n" + text[start:]
+
+
 def command_line(argv) -> str:
     args = argv if argv is not None else sys.argv[1:]
     return ("python benchmarks/adaptation.py " + " ".join(shlex.quote(a) for a in args)).strip()
@@ -574,7 +590,8 @@ def main(argv=None) -> int:
                f"1-minute load average while the runs finished: {min(loads):.1f}–{max(loads):.1f}" if loads else "")
     command = command_line(argv)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(doc, report(rows, results, scale, command.strip(), machine, os.path.relpath(plot_path, doc.parent)))
+    text = report(rows, results, scale, command.strip(), machine, os.path.relpath(plot_path, doc.parent))
+    atomic_write_text(doc, text + kept_analysis(doc))
     print("\n".join(goals(rows)))
     print(f"report: {doc}")
     return 0

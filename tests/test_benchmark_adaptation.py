@@ -64,3 +64,10 @@ def test_quick_run_writes_report_plot_and_cache_then_resumes(bench, tmp_path, mo
 
     monkeypatch.setattr(recipe, "train", no_training)
     assert bench.main(["--out", str(out), "--quick", "--rows", ROWS, "--threads", "1", "--quiet"]) == 0
+    # a re-render keeps the hand-written analysis appended to the report
+    doc = out / "adaptation.md"
+    doc.write_text(doc.read_text() + "\n## What the table says\n\n- a reading of the table\n")
+    assert bench.main(["--out", str(out), "--quick", "--rows", ROWS, "--threads", "1", "--quiet"]) == 0
+    rerendered = doc.read_text()
+    assert rerendered.count("## What the table says") == 1 and rerendered.endswith("- a reading of the table\n")
+    assert "## Goals" in rerendered
