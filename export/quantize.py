@@ -23,7 +23,7 @@ from export.runtime import Detector, load_image
 
 MODES = ("int8-static", "fp16")
 #: Calibration methods of onnxruntime's quantize_static (MinMax: the default; the others cost more and,
-#: on the benchmark set, moved mAP50-95 by < 0.5 points: docs/benchmarks/export.md).
+#: on the benchmark set, moved mAP50-95 by < 1 point and not the speed: docs/benchmarks/export.md).
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 #: Activation types: uint8 activations x int8 weights (U8S8) run on the fast x86 int8 kernels; int8
 #: activations (S8S8, symmetric) measured 2-3x *slower* than fp32 on the benchmark machine.
