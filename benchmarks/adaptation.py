@@ -202,15 +202,12 @@ def run_unmergeable(setup: Setup, values: dict[str, Any], data: dict[str, Path],
     from training.evaluate import evaluate
     from training import recipe
 
+    from service.layers.peft import apply_peft
+
     cfg = TrainConfig(**{**values, "peft": "none"})
     recipe.seed_everything(cfg.seed)
     train_ds, val_ds = recipe.build_datasets(cfg)
-    model = recipe.build_model(cfg, list(train_ds.names))
-    from service.layers.peft import apply_peft
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model = apply_peft(model, setup.config["peft"])
+    model = apply_peft(recipe.build_base_model(cfg, list(train_ds.names)), setup.config["peft"])
     trainable = recipe.trainable_summary(model)
     criterion = recipe.build_criterion(model)
     device = torch.device("cpu")

@@ -49,6 +49,7 @@ def test_quick_run_writes_report_plot_and_cache_then_resumes(bench, tmp_path, mo
         assert 0.0 <= record["target_map50_95"] <= 1.0, key
     full, lora = results["full-adamw/0"], results["lora-coap-ckpt/0"]
     assert full["trainable_percent"] > 99 and 0 < lora["trainable_percent"] < 20
+    assert 0 < results["adapters/0"]["trainable_percent"] < 20  # the base stays frozen under the adapters
     assert 0 < lora["bytes"] < full["bytes"]  # checkpointing + a frozen base: fewer exact bytes
     assert lora["adapter_bytes"] > 0
     text = (out / "adaptation.md").read_text()
