@@ -33,6 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks.onnx_latency import dfl_softmax_on_bins_axis  # noqa: E402
+
 
 def ultralytics_export(model, imgsz: int, out_dir: Path) -> Path:
     """ultralytics' own ONNX exporter on the same weights; it may check but never install requirements."""
@@ -63,30 +65,6 @@ def lora_model(model, rank: int = 8):
             if "lora_B" in name:
                 p.normal_(0, 0.01)
     return tuned.eval()
-
-
-def dfl_softmax_on_bins_axis(src: Path, dst: Path) -> Path:
-    """A copy of an exported file whose DFL softmax runs over the bins' own axis, before the transpose.
-
-    The export has Reshape (1, 4, 16, A) -> Transpose -> Softmax(axis=1) -> Conv; onnxruntime runs a softmax over
-    a non-last axis slowly. Softmax(axis=2) -> Transpose is the same function (a measured proposal for the export).
-    """
-    import onnx
-
-    proto = onnx.load(str(src))
-    nodes = list(proto.graph.node)
-    by_name = {n.name: n for n in nodes}
-    transpose, softmax = by_name["/model.23/dfl/Transpose"], by_name["/model.23/dfl/Softmax"]
-    reshaped, out = transpose.input[0], softmax.output[0]
-    softmax.input[0], softmax.output[0] = reshaped, transpose.output[0]
-    softmax.attribute[0].i = 2
-    transpose.input[0], transpose.output[0] = softmax.output[0], out
-    i, j = nodes.index(transpose), nodes.index(softmax)
-    nodes[i], nodes[j] = softmax, transpose
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    onnx.save(proto, str(dst))
-    return dst
 
 
 def main(argv=None) -> int:
