@@ -1,7 +1,7 @@
 """Detect throughput and latency over HTTP (loopback) next to calling the runtime in-process.
 
     python benchmarks/service.py                       # shipped base model, concurrency 1, 4 and 16
-    python benchmarks/service.py --model-dir runs/kitchen/merged --requests 200 --out /tmp/service.md
+    python benchmarks/service.py --model-dir runs/kitchen/merged --seconds 3 --out /tmp/service.md
     python benchmarks/service.py --profile /tmp/server-profile.txt   # also py-spy the server at concurrency 1
 
 Two servers are started as child processes (``glasses-vision serve``, no job workers) with the
@@ -12,6 +12,11 @@ HTTP paths send it as the raw body (``--body multipart`` for an upload form) and
 decodes it; the in-process path decodes it with the same function and calls
 ``export.runtime.Detector.detect`` (one call per frame) on a session of the same file with the
 same thread settings. Rounds interleave the paths; medians over rounds are reported.
+
+The load client is ``wrk`` (C, one epoll thread, keep-alive connections; ``apt-get install wrk``) when it
+is installed, else the standard library's ``http.client`` in threads (``--client`` picks one). The client
+runs on the same cores as the server, so its CPU is taken from the server's; the table gives the CPU
+each path spends per frame: the server process's, the client's, and the in-process threads'.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ import http.client
 import json
 import os
 import platform
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,22 +65,80 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def _run_load(call, requests: int, concurrency: int) -> dict:
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run_load(call, seconds: float, concurrency: int) -> dict:
+    """``concurrency`` threads calling ``call`` back to back for ``seconds``; throughput, latency, own CPU."""
     latencies: list[float] = []
 
-    def one(_):
-        t0 = time.perf_counter()
-        call()
-        latencies.append(time.perf_counter() - t0)
+    def worker(deadline: float) -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            call()
+            latencies.append(time.perf_counter() - t0)
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(min(requests, 2 * concurrency))))  # warm-up
-        latencies.clear()
+    def run(length: float) -> float:
+        deadline = time.perf_counter() + length
+        threads = [threading.Thread(target=worker, args=(deadline,)) for _ in range(concurrency)]
         start = time.perf_counter()
-        list(pool.map(one, range(requests)))
-        wall = time.perf_counter() - start
-    return {"throughput": requests / wall, "p50_ms": _percentile(latencies, 50) * 1e3,
-            "p99_ms": _percentile(latencies, 99) * 1e3}
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - start
+
+    run(min(0.3, seconds))  # warm-up
+    latencies.clear()
+    cpu = _own_cpu()
+    wall = run(seconds)
+    n = len(latencies)
+    return {"requests": n, "throughput": n / wall, "p50_ms": _percentile(latencies, 50) * 1e3,
+            "p99_ms": _percentile(latencies, 99) * 1e3, "own_cpu_ms": (_own_cpu() - cpu) / n * 1e3}
+
+
+_WRK_SCRIPT = """wrk.method = "POST"
+wrk.headers["Content-Type"] = %(ctype)s
+local f = assert(io.open(%(body)s, "rb"))
+wrk.body = f:read("*all")
+f:close()
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('\\n{"requests": %%d, "duration_us": %%d, "errors": %%d, "p50_us": %%d, "p99_us": %%d}\\n',
+    summary.requests, summary.duration, e.status + e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def _lua_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _run_wrk(script: Path, url: str, seconds: int, concurrency: int) -> dict:
+    """One ``wrk`` run (one thread, ``concurrency`` keep-alive connections); its own CPU from the child rusage."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s", "--timeout", "60s", "-s", str(script),
+                          url], capture_output=True, text=True, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if result["errors"] or not result["requests"]:
+        raise RuntimeError(f"wrk saw {result['errors']} failed requests of {result['requests']}: {out.stdout[-2000:]}")
+    n = result["requests"]
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"requests": n, "throughput": n / (result["duration_us"] / 1e6), "p50_ms": result["p50_us"] / 1e3,
+            "p99_ms": result["p99_us"] / 1e3, "own_cpu_ms": cpu / n * 1e3}
 
 
 def _free_port() -> int:
@@ -109,12 +173,15 @@ _PROFILE_GROUPS = (  # (label, function names whose inclusive samples it counts)
                                                           "AsyncIOBackend.run_sync_in_worker_thread",
                                                           "run_in_threadpool")),
     ("multipart / JSON body parsing", ("Request._get_form", "Request.body", "_read_image_bytes")),
-    ("HTTP parsing + writing (uvicorn h11)", ("H11Protocol.data_received", "RequestResponseCycle.send",
-                                              "_SelectorSocketTransport.write")),
+    ("HTTP parsing + writing (uvicorn)", ("H11Protocol.data_received", "HttpToolsProtocol.data_received",
+                                          "RequestResponseCycle.send", "_SelectorSocketTransport.write")),
     ("FastAPI dependencies + query parameters", ("solve_dependencies",)),
     ("response serialisation", ("detect_json", "serialize_response", "jsonable_encoder")),
     ("middleware + routing (the rest of the request on the loop)", ("RequestResponseCycle.run_asgi",)),
 )
+
+
+_LOOP_FRAMES = ("Runner.run", "BaseEventLoop.run_forever", "BaseEventLoop._run_once")  # no Python frame above the loop
 
 
 def summarise_profile(raw_path: Path, requests: int, rate: int = 500) -> str:
@@ -132,7 +199,7 @@ def summarise_profile(raw_path: Path, requests: int, rate: int = 500) -> str:
         if names[-1] in ("EpollSelector.select", "Condition.wait") or "Queue.get" in names:
             continue  # idle: the loop waiting for sockets, a worker thread waiting for work
         total += int(n)
-        label = "other"
+        label = "event loop itself (uvloop / asyncio: polling, callbacks)" if names[-1] in _LOOP_FRAMES else "other"
         for group, keys in _PROFILE_GROUPS:
             if any(name in keys for name in names):
                 label = group
@@ -145,6 +212,12 @@ def summarise_profile(raw_path: Path, requests: int, rate: int = 500) -> str:
     for label, n in sorted(counts.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {label} | {n * ms:.2f} | {100.0 * n / max(total, 1):.0f}% |")
     return "\n".join(lines)
+
+
+def _client_words(client: str) -> str:
+    return {"wrk": "wrk (one thread, keep-alive connections)",
+            "http.client": "http.client threads (one keep-alive connection each)",
+            "httpx": "httpx threads"}[client]
 
 
 def _wait_ready(client, server, timeout: float = 180.0) -> None:
@@ -168,23 +241,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", default=None, help="an exported .onnx to serve instead of exporting")
     parser.add_argument("--imgsz", type=int, default=None, help="export input size (default: the model's)")
     parser.add_argument("--frame", default="640x480", help="WxH of the test frame")
-    parser.add_argument("--requests", type=int, default=100, help="requests per measurement")
+    parser.add_argument("--seconds", type=int, default=2, help="length of one measurement (one path, one concurrency)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per session (all paths)")
     parser.add_argument("--body", choices=("raw", "multipart"), default="raw", help="how HTTP requests carry the frame")
-    parser.add_argument("--client", choices=("http.client", "httpx"), default="http.client",
-                        help="HTTP client of the load threads: the standard library's (one keep-alive connection "
-                        "per thread; about 0.1 ms of CPU per request here) or httpx (about 0.6 ms): the client "
-                        "shares the machine with the server, its CPU is taken from the server's")
+    parser.add_argument("--client", choices=("auto", "wrk", "http.client", "httpx"), default="auto",
+                        help="load client: wrk (C, one thread; about 0.05 ms of CPU per request here), the standard "
+                        "library's http.client in threads (one keep-alive connection each; about 0.5 ms) or httpx "
+                        "(more); auto: wrk if installed, else http.client. The client shares the machine with the "
+                        "server: its CPU is taken from the server's")
     parser.add_argument("--batch-size", type=int, default=None, help="the batching server's detect_batch_size "
                         "(default: the Settings default)")
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="its detect_batch_wait_ms (default: Settings)")
     parser.add_argument("--batch-parallel", type=int, default=None, help="its detect_batch_parallel (default: Settings)")
-    parser.add_argument("--profile", default=None, help="also py-spy the batching server over --requests sequential "
+    parser.add_argument("--profile", default=None, help="also py-spy the batching server over --seconds of sequential "
                         "requests and write the breakdown (and the raw samples next to it)")
     parser.add_argument("--out", default=None, help="also write the results table (markdown) here")
     args = parser.parse_args(argv)
+    load_client = args.client
+    if load_client == "auto":
+        load_client = "wrk" if shutil.which("wrk") else "http.client"
+        if load_client != "wrk":
+            print("wrk is not installed (apt-get install wrk): the load client is http.client threads", file=sys.stderr)
+    if load_client == "wrk" and args.body != "raw":
+        parser.error("--client wrk sends the raw body only")
 
     import httpx
 
@@ -237,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             local_conns = threading.local()
 
             def http_call(client) -> dict:
-                if args.client == "httpx":
+                if load_client == "httpx":
                     r = client.post("/v1/detect", content=body, headers={"content-type": ctype})
                     r.raise_for_status()
                     return r.json()
@@ -268,35 +349,53 @@ def main(argv: list[str] | None = None) -> int:
             image, found = local_call()
             sx, sy = image.scale
             local = np.asarray([[d.box[0] * sx, d.box[1] * sy, d.box[2] * sx, d.box[3] * sy] for d in found]).reshape(-1, 4)
-            for name, client in clients.items():
-                remote = http_call(client)["detections"]
+            for name, http_client in clients.items():
+                remote = http_call(http_client)["detections"]
                 assert np.allclose(local, np.asarray([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in remote]).reshape(-1, 4),
                                    atol=1e-3), f"{name} boxes differ from the runtime's"
 
-            paths = {"in-process": local_call}
-            paths.update({name: (lambda c=client: http_call(c)) for name, client in clients.items()})
+            wrk_script = Path(tmp) / "post.lua"
+            if load_client == "wrk":
+                frame_path = Path(tmp) / "frame.jpg"
+                frame_path.write_bytes(jpeg)
+                wrk_script.write_text(_WRK_SCRIPT % {"ctype": _lua_string(ctype), "body": _lua_string(str(frame_path))})
+
+            def measure(name: str, c: int, seconds: int) -> dict:
+                if name == "in-process":
+                    return _run_load(local_call, seconds, c)
+                server_cpu = _process_cpu(servers[name].pid)
+                if load_client == "wrk":
+                    result = _run_wrk(wrk_script, f"{clients[name].base_url}/v1/detect", seconds, c)
+                else:
+                    result = _run_load(lambda: http_call(clients[name]), seconds, c)
+                result["server_cpu_ms"] = (_process_cpu(servers[name].pid) - server_cpu) / result["requests"] * 1e3
+                return result
+
+            paths = ["in-process", *servers]
+            for name in servers:  # warm-up: sessions, connections, the batchers' peaks
+                measure(name, max_c, 1)
             results: dict[tuple[str, int], list[dict]] = {}
             loads: list[float] = []
             for _ in range(args.rounds):
                 for c in args.concurrency:
-                    for name, call in paths.items():
-                        results.setdefault((name, c), []).append(_run_load(call, args.requests, c))
+                    for name in paths:
+                        results.setdefault((name, c), []).append(measure(name, c, args.seconds))
                 loads.append(os.getloadavg()[0])
 
             if args.profile:
                 raw_path = Path(args.profile).with_suffix(".raw.txt")
+                time.sleep(2 * 0.5 + 0.1)  # the batcher forgets the last peak: a lone frame does not wait for company
                 spy = subprocess.Popen(["py-spy", "record", "-r", "500", "-f", "raw", "-o", str(raw_path), "-t", "--nonblocking",
                                         "-p", str(servers["http batched"].pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
-                start = time.perf_counter()
-                for _ in range(args.requests):
-                    http_call(clients["http batched"])
-                wall_ms = (time.perf_counter() - start) * 1000.0 / args.requests
+                profiled = measure("http batched", 1, args.seconds)
                 spy.send_signal(2)
                 spy.wait(timeout=60)
-                profile_text = summarise_profile(raw_path, args.requests)
-                profile_text += f"\n\nWall time per request while profiled: {wall_ms:.2f} ms."
+                profile_text = summarise_profile(raw_path, profiled["requests"])
+                profile_text += (f"\n\nWhile profiled: {1000.0 / profiled['throughput']:.2f} ms per request (wall), "
+                                 f"p50 {profiled['p50_ms']:.2f} ms; server CPU {profiled['server_cpu_ms']:.2f} ms per "
+                                 "request (the sampler itself included).")
         finally:
             for server in servers.values():
                 server.terminate()
@@ -311,26 +410,32 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"Python {platform.python_version()}, onnxruntime threads per session: {args.threads}; "
-        f"frame {width}x{height} JPEG ({len(jpeg)} bytes) sent as {args.body} body by {args.client}, model input "
-        f"{detector.imgsz[0]}x{detector.imgsz[1]}, {args.requests} requests x {args.rounds} interleaved rounds, medians; "
-        f"batching server: detect_batch_size {batch_size}, detect_batch_wait_ms {batch_wait:g}, "
-        f"detect_batch_parallel {parallel}. "
+        f"frame {width}x{height} JPEG ({len(jpeg)} bytes) sent as {args.body} body by {_client_words(load_client)}, "
+        f"model input {detector.imgsz[0]}x{detector.imgsz[1]}, {args.seconds} s per measurement x {args.rounds} "
+        f"interleaved rounds, medians; batching server: detect_batch_size {batch_size}, detect_batch_wait_ms "
+        f"{batch_wait:g}, detect_batch_parallel {parallel}. "
         f"Load average (1 min) before: {load_before:.2f}, after each round: "
         f"{', '.join(f'{v:.2f}' for v in loads)}.",
         "",
-        "| concurrency | path | req/s | p50 ms | p99 ms | HTTP / in-process throughput |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "CPU ms / frame: the server process's (HTTP paths) or the calling threads' (in-process), per request; "
+        "client CPU: the load client's, per request.",
+        "",
+        "| concurrency | path | req/s | p50 ms | p99 ms | CPU ms / frame | client CPU ms / req | HTTP / in-process throughput |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     summary: dict[str, dict[int, float]] = {}
     for c in args.concurrency:
         base = med("in-process", c, "throughput")
         for name in paths:
             ratio = med(name, c, "throughput") / base
-            if name != "in-process":
+            local = name == "in-process"
+            if not local:
                 summary.setdefault(name, {})[c] = round(ratio, 3)
+            cpu = med(name, c, "own_cpu_ms" if local else "server_cpu_ms")
+            client_cpu = "" if local else f"{med(name, c, 'own_cpu_ms'):.2f}"
             lines.append(
                 f"| {c} | {name} | {med(name, c, 'throughput'):.1f} | {med(name, c, 'p50_ms'):.2f} | "
-                f"{med(name, c, 'p99_ms'):.2f} | {f'{ratio:.2f}x' if name != 'in-process' else ''} |"
+                f"{med(name, c, 'p99_ms'):.2f} | {cpu:.2f} | {client_cpu} | {'' if local else f'{ratio:.2f}x'} |"
             )
     table = "\n".join(lines)
     print(table)

@@ -199,6 +199,42 @@ def test_frames_that_start_together_are_split_across_cores():
     assert runtime.sizes == [1, 1, 1]
 
 
+def test_frames_that_arrive_while_every_lane_is_busy_run_together_when_one_comes_free():
+    runtime = RecordingRuntime(delay=0.2)
+
+    async def main():
+        pool = _pool(runtime, max_batch=8, wait_s=30.0)  # one lane
+        batcher = pool._loaded["m"].batcher
+        first = asyncio.ensure_future(batcher.detect(_gray_job(0)))  # alone: runs at once
+        await asyncio.sleep(0.05)
+        later = [asyncio.ensure_future(batcher.detect(_gray_job(i))) for i in (1, 2, 3)]  # one by one, lane busy
+        results = await asyncio.gather(first, *later)
+        return [r.detections[0].class_id for r in results], [r.batch for r in results]
+
+    classes, batches = asyncio.run(main())
+    assert runtime.sizes == [1, 3] and classes == [0, 1, 2, 3] and batches == [1, 3, 3, 3]
+
+
+def test_after_more_frames_than_lanes_a_frame_waits_briefly_for_company():
+    runtime = RecordingRuntime()
+
+    async def main(parallel: int) -> bool:
+        pool = _pool(runtime, max_batch=8, wait_s=0.3)
+        batcher = pool._loaded["m"].batcher
+        batcher.parallel = parallel
+        tickets = [Arrival(pool, "m") for _ in range(2)]  # two frames in the air at once
+        await asyncio.gather(*(batcher.detect(_gray_job(i), t) for i, t in enumerate(tickets)))
+        runtime.sizes.clear()
+        alone = asyncio.ensure_future(batcher.detect(_gray_job(2)))  # fewer than the recent peak of 2
+        await asyncio.sleep(0.05)
+        ran_alone = alone.done()
+        await asyncio.gather(alone, batcher.detect(_gray_job(3)))
+        return ran_alone
+
+    assert not asyncio.run(main(parallel=1)) and runtime.sizes == [2]  # one lane: the two pair up
+    assert asyncio.run(main(parallel=2)) and runtime.sizes == [1, 1]  # no more frames than lanes: no wait
+
+
 def test_the_wait_is_bounded_when_an_announced_request_never_comes():
     runtime = RecordingRuntime()
 
@@ -238,6 +274,8 @@ def test_a_cancelled_request_leaves_the_queue_or_waits_for_its_running_frame():
         assert batcher._pending == [] and runtime.sizes == []  # it never runs
         waiting_for.leave()
 
+        pool = _pool(runtime, max_batch=8, wait_s=30.0)  # a fresh batcher: no recent peak of 2 frames to wait for
+        batcher = pool._loaded["m"].batcher
         running = asyncio.ensure_future(batcher.detect(_gray_job(2), Arrival(pool, "m")))
         await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
         running.cancel()

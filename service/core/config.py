@@ -88,8 +88,8 @@ class Settings(BaseModel):
     )
     detect_batch_parallel: int = Field(
         default_factory=lambda: max(1, os.cpu_count() or 1), ge=1, le=64,
-        description="frames that arrive together are split into up to this many batches run at once (one per core: "
-        "a batch runs in one thread), each at most detect_batch_size frames",
+        description="batches of one model run at once (one per core: a batch runs in one thread), each at most "
+        "detect_batch_size frames; frames that arrive while all are busy wait for the next one free and run together",
     )
     detect_batch_wait_ms: float = Field(
         2.0, ge=0.0, le=50.0,

@@ -146,12 +146,20 @@ def run_frames(detector: Any, jobs: list[FrameJob], model_id: str = "?") -> list
 class MicroBatcher:
     """Frames of concurrent detect requests for one model, run together as one ONNX batch.
 
-    ``coming()`` says how many requests for the model are on their way (see :meth:`DetectorPool.arriving`);
-    a frame waits up to ``wait_s`` for them, at most ``max_batch`` frames run together, and batches run in
-    worker threads. Frames that start together are split into up to ``parallel`` near-equal batches run at
-    once (a batch runs in one thread; on a 2-core machine 4 frames run as 2 batches of 2, which keeps most of
-    the per-frame gain of batching and both cores busy).
+    Batches run in up to ``parallel`` lanes at once (one per core: a batch runs in one worker thread). A frame
+    that arrives while every lane is busy waits for the next free lane and runs there with every frame that
+    arrived meanwhile (up to ``max_batch``): under load, batches form without any timer. A frame that finds a
+    lane free runs at once unless company is expected, in which case it waits up to ``wait_s`` for it. Company
+    is expected while requests for the model are on their way (``coming()``, see :meth:`DetectorPool.arriving`),
+    and while fewer frames are in the batcher (queued, running or on their way) than the most seen at once in
+    the last second if that was more than the lanes: closed-loop clients (each answer brings the next frame)
+    keep that many in the air, and a frame that waits for the next one runs in a batch of two instead of alone
+    (with no more frames than lanes, each runs at once in its own). Frames that start together are
+    split into near-equal batches over the free lanes (on a 2-core machine 4 frames run as 2 batches of 2, which
+    keeps most of the per-frame gain of batching and both cores busy).
     """
+
+    PEAK_WINDOW_S = 0.5  # the peak of frames at once is kept for one to two of these
 
     def __init__(self, detector: Any, model_id: str, max_batch: int, wait_s: float,
                  coming: Callable[[], int] = lambda: 0, parallel: int = 1):
@@ -161,6 +169,10 @@ class MicroBatcher:
         self._pending: list[_Slot] = []
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.running = 0  # lanes busy now
+        self._running_frames = 0
+        self._peaks = [0, 0]  # most frames in the batcher at once: in this window, in the one before
+        self._window_end = 0.0
         self.batches = 0  # batches run so far (for tests and logs)
         self.frames = 0
 
@@ -187,25 +199,48 @@ class MicroBatcher:
             raise
 
     def poke(self) -> None:
-        """Start batches now if all ``parallel`` ones are full or nobody else is coming; else start the wait timer."""
+        """Start batches now if a lane is free and (the free lanes' batches are full or no company is expected);
+        else start the wait timer. With no lane free, the next lane to come free takes what is pending."""
         if not self._pending:
             return
-        if len(self._pending) >= self.max_batch * self.parallel or self.wait_s <= 0 or self.coming() <= 0:
+        coming = self.coming()
+        here = len(self._pending) + self._running_frames + max(coming, 0)
+        peak = self._recent_peak(here)
+        free = self.parallel - self.running
+        if free <= 0:
+            return
+        company = coming > 0 or (here < peak and peak > self.parallel)  # more frames than lanes: worth pairing
+        if len(self._pending) >= self.max_batch * free or self.wait_s <= 0 or not company:
             self._flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.wait_s, self._flush)
+
+    def _recent_peak(self, here: int) -> int:
+        """The most frames in the batcher at once over the last one or two windows, ``here`` included."""
+        now = time.monotonic()
+        if now >= self._window_end:
+            late = now >= self._window_end + self.PEAK_WINDOW_S  # a whole window without a frame: forget it
+            self._peaks = [0, 0 if late else self._peaks[0]]
+            self._window_end = now + self.PEAK_WINDOW_S
+        self._peaks[0] = max(self._peaks[0], here)
+        return max(self._peaks)
 
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        pending, self._pending = self._pending, []
-        n = len(pending)
-        count = max(-(-n // self.max_batch), min(n, self.parallel))
+        free = self.parallel - self.running
+        if free <= 0 or not self._pending:
+            return
+        n = min(len(self._pending), free * self.max_batch)
+        pending, self._pending = self._pending[:n], self._pending[n:]
+        count = max(-(-n // self.max_batch), min(n, free))
         loop = asyncio.get_running_loop()
         start = 0
         for k in range(count):  # near-equal batches, the larger ones first
             size = n // count + (1 if k < n % count else 0)
+            self.running += 1
+            self._running_frames += size
             task = loop.create_task(self._run(pending[start : start + size]))
             start += size
             self._tasks.add(task)
@@ -216,20 +251,29 @@ class MicroBatcher:
         self.frames += len(batch)
         try:
             results = await anyio.to_thread.run_sync(run_frames, self.detector, [s.job for s in batch], self.model_id)
+        except asyncio.CancelledError:
+            self.running -= 1
+            self._running_frames -= len(batch)
+            for slot in batch:
+                if not slot.future.done():
+                    slot.future.cancel()
+            raise
         except BaseException as exc:  # noqa: BLE001 - every waiting request must hear of it
             results = [exc] * len(batch)
-            if isinstance(exc, asyncio.CancelledError):
-                for slot in batch:
-                    if not slot.future.done():
-                        slot.future.cancel()
-                raise
-        for slot, result in zip(batch, results):
-            if slot.future.done():
-                continue
-            if isinstance(result, BaseException):
-                slot.future.set_exception(result)
-            else:
-                slot.future.set_result(result)
+        self.running -= 1
+        self._running_frames -= len(batch)
+        _deliver(batch, results)
+        self._flush()  # frames that came while every lane was busy have waited enough: run them now
+
+
+def _deliver(batch: list[_Slot], results: list) -> None:
+    for slot, result in zip(batch, results):
+        if slot.future.done():
+            continue
+        if isinstance(result, BaseException):
+            slot.future.set_exception(result)
+        else:
+            slot.future.set_result(result)
 
 
 class Arrival:
