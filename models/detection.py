@@ -105,7 +105,7 @@ def _bn_stats_frozen(module: nn.Module):
     finally:
         for m, momentum, count in zip(norms, momenta, counts):
             m.momentum = momentum
-            if count is not None:
+            if count is not None and m.num_batches_tracked is not None:
                 m.num_batches_tracked.copy_(count)
 
 
@@ -312,7 +312,7 @@ class DetectionModel(_UltralyticsDetectionModel):
             old = branch[-1]
             new = nn.Conv2d(old.in_channels, nc, 1).to(device=old.weight.device, dtype=old.weight.dtype)
             with torch.no_grad():
-                new.bias.fill_(math.log(5 / nc / (640 / float(head.stride[i])) ** 2))
+                new.get_parameter("bias").fill_(math.log(5 / nc / (640 / float(head.stride[i])) ** 2))
             branch[-1] = new
         head.nc = nc
         head.no = nc + head.reg_max * 4
@@ -414,14 +414,15 @@ class DetectionModel(_UltralyticsDetectionModel):
         except Exception as exc:  # any unpickling failure means "not a usable checkpoint"
             raise CheckpointError(f"cannot read {path} as an ultralytics checkpoint: {exc}") from exc
         source = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else ckpt
-        if not isinstance(source, nn.Module) or not hasattr(source, "yaml"):
+        arch = getattr(source, "yaml", None)
+        if not isinstance(source, nn.Module) or not isinstance(arch, dict):
             raise CheckpointError(f"{path} holds no ultralytics model (expected a dict with 'model' or 'ema')")
         source = source.float()
         names = getattr(source, "names", None)
-        nc = int(source.yaml.get("nc", len(names or [])))
+        nc = int(arch.get("nc", len(names or [])))
         if imgsz is None:
             train_args = ckpt.get("train_args", {}) if isinstance(ckpt, dict) else {}
             imgsz = int(train_args.get("imgsz", 640)) if isinstance(train_args, dict) else 640
-        model = cls(source.yaml, nc=nc, names=names, imgsz=imgsz)
+        model = cls(arch, nc=nc, names=names, imgsz=imgsz)
         model.load_state_dict(source.state_dict(), strict=True)
         return model.eval()

@@ -36,7 +36,9 @@ LAST = "last"
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the loop draws from, as tensors and plain values."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=True)  # the default, named: numpy's stub types the default as legacy=False
+    assert isinstance(numpy_state, tuple)  # a dict only for a bit generator other than MT19937, which np.random is not
+    kind, keys, pos, has_gauss, cached = numpy_state
     state = {
         "python": list(_to_plain(random.getstate())),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),

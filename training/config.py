@@ -269,7 +269,7 @@ class TrainConfig:
         unknown = sorted(set(self.augment_settings) - known)
         if unknown:
             raise ConfigError(f"unknown augment_settings {unknown}; known: {', '.join(sorted(known))}")
-        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.augment_settings.items()}
+        values: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.augment_settings.items()}
         try:
             config = AugmentConfig(**values)
         except (TypeError, ValueError) as exc:

@@ -95,7 +95,7 @@ class Run:
     dist: "DistInfo"
     device: torch.device
     run_dir: Path
-    model: nn.Module
+    model: DetectionModel
     ddp: nn.Module  # the model, or its DistributedDataParallel wrapper
     criterion: Any
     autocast: Callable[[], Any]
@@ -107,7 +107,7 @@ class Run:
     state: RunState = field(default_factory=RunState)
 
     @property
-    def eval_model(self) -> nn.Module:
+    def eval_model(self) -> DetectionModel:
         """The weights that are evaluated and shipped: the EMA when there is one."""
         return self.ema.ema if self.ema is not None else self.model
 
@@ -422,7 +422,7 @@ def build_loader(ds, cfg: TrainConfig, info: DistInfo, epoch: int, start_step: i
 
 
 # ---------------------------------------------------------------------------- model
-def build_model(cfg: TrainConfig, names: list[str]) -> nn.Module:
+def build_model(cfg: TrainConfig, names: list[str]) -> DetectionModel:
     """The base detector with the dataset's classes, PEFT applied as configured (full fine-tuning is the
     ``full`` method: every weight of the chosen parts trains, the DFL projection stays fixed)."""
     model = apply_peft(build_base_model(cfg, names), cfg.peft_method, **cfg.peft_arguments())
@@ -449,16 +449,17 @@ def build_base_model(cfg: TrainConfig, names: list[str]) -> DetectionModel:
     return model
 
 
-def trainable_summary(model: nn.Module) -> dict[str, Any]:
+def trainable_summary(model: DetectionModel) -> dict[str, Any]:
     """Trainable / total parameter counts, overall and per part (NF4-quantised base weights count as frozen)."""
     from service.layers.tuners.nf4 import NF4Weight
 
     counted = [(name, p.numel(), p.requires_grad) for name, p in model.named_parameters()]
     counted += [(f"{name}.weight", m.numel, False) for name, m in model.named_modules() if isinstance(m, NF4Weight)]
-    total, trainable, per_part = 0, 0, {}
+    total, trainable = 0, 0
+    per_part: dict[str, dict[str, int]] = {}
     for name, n, requires_grad in counted:
         total += n
-        part = model.part_of(name) if hasattr(model, "part_of") else "model"
+        part = model.part_of(name)
         entry = per_part.setdefault(part, {"trainable": 0, "total": 0})
         entry["total"] += n
         if requires_grad:
@@ -715,7 +716,7 @@ def write_outputs(run: Run, result: TrainResult, val_ds, last_epoch: int, starte
     barrier(run.dist)
 
 
-def write_final_weights(net: nn.Module, run_dir: Path) -> tuple[Path | None, Path]:
+def write_final_weights(net: DetectionModel, run_dir: Path) -> tuple[Path | None, Path]:
     """``adapter/`` (PEFT runs; not full fine-tuning, whose result is the model itself) and ``merged/`` (plain
     weights for export) of the shipped weights ``net``."""
     state, adapter_dir = find_peft_state(net), None

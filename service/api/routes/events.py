@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Request
@@ -46,7 +46,8 @@ class MetricsTail:
     """The complete new lines of a ``metrics.jsonl``; starts over when the file is replaced or cut (a resume)."""
 
     def __init__(self, path: Path):
-        self.path, self.pos, self.inode, self.partial = path, 0, None, b""
+        self.path, self.pos, self.partial = path, 0, b""
+        self.inode: int | None = None
 
     def read(self) -> list[dict[str, Any]]:
         try:
@@ -94,6 +95,17 @@ class EtaEstimate:
         return round(max(0, total - step) * seconds / steps, 1)
 
 
+class _ChainedHandler:
+    """A SIGINT / SIGTERM handler that sets a stop event, then runs the handler it was put in front of."""
+
+    def __init__(self, event: threading.Event, previous: Callable[[int, Any], Any]):
+        self.event, self.previous = event, previous
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.event.set()
+        self.previous(signum, frame)
+
+
 class StopSignal:
     """Set when the process is asked to stop (SIGINT / SIGTERM), so that open event streams end at once.
 
@@ -111,18 +123,12 @@ class StopSignal:
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous = signal.getsignal(sig)
-            if getattr(previous, "chained_by_glasses_vision", False):
+            if isinstance(previous, _ChainedHandler):
                 continue
             if not callable(previous):  # no Python handler to chain (default or ignored): leave it alone
                 continue
             self.event.clear()  # a new server: an earlier one's stop does not count
-
-            def handler(signum, frame, previous=previous):
-                self.event.set()
-                previous(signum, frame)
-
-            handler.chained_by_glasses_vision = True
-            signal.signal(sig, handler)
+            signal.signal(sig, _ChainedHandler(self.event, previous))
 
 
 STOPPING = StopSignal()

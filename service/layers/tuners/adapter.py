@@ -96,8 +96,7 @@ class AdapterLayer(BaseTunerLayer):
         self.hidden: dict[str, int] = {}
         self.adapter_scale: dict[str, float] = {}
 
-    # TODO(lead): drop the ignore once base.BaseTunerLayer declares update_layer as Callable[..., None]
-    def update_layer(self, name: str, config: AdapterConfig, channels: int, hidden: int) -> None:  # type: ignore[override]
+    def update_layer(self, name: str, config: AdapterConfig, channels: int, hidden: int) -> None:
         like = next(self.base_layer.parameters())
         activation, scale = config.activation, config.scale
         up = nn.Conv2d(hidden, channels, 1, device=like.device, dtype=like.dtype)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -68,14 +68,16 @@ class TunerConfig:
     """
 
     peft_type: ClassVar[str] = ""
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # every subclass is a dataclass (what ``fields`` / ``replace`` need)
 
     def __post_init__(self):
         for attr in ("targets", "exclude"):
             value = getattr(self, attr, None)
             if isinstance(value, (str, type)):
                 setattr(self, attr, [value])
-        if getattr(self, "bn_stats", None) is not None:
-            check_choice(self.bn_stats, BN_STATS_CHOICES, "bn_stats")
+        bn_stats = getattr(self, "bn_stats", None)
+        if bn_stats is not None:
+            check_choice(bn_stats, BN_STATS_CHOICES, "bn_stats")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (types by class name) plus ``peft_type``."""
@@ -166,8 +168,9 @@ class BaseTunerLayer(PeftLayer):
             setattr(new, attr, getattr(existing, attr))
         return new
 
-    def update_layer(self, adapter_name: str, config: TunerConfig, **settings: Any) -> None:
-        raise NotImplementedError
+    #: ``update_layer(adapter_name, config, **settings)`` adds one adapter; each method declares its own config
+    #: class and the keyword settings its config's ``plan`` produces.
+    update_layer: Callable[..., None]
 
     @property
     def adapter_names(self) -> list[str]:
@@ -224,7 +227,7 @@ class BaseTunerLayer(PeftLayer):
             raise ConfigError(f"{type(self).__name__} adapters cannot be merged into weights")
         names = [n for n in (self.active_adapters if names is None else names)
                  if n in self.adapter_names and n not in self.merged_adapters]
-        w = self.base_layer.weight
+        w = self.base_layer.get_parameter("weight")
         for name in names:
             w.add_(self.get_delta_weight(name).to(w.dtype))
             self.merged_adapters.append(name)
@@ -232,7 +235,9 @@ class BaseTunerLayer(PeftLayer):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Exact inverse of :meth:`merge` (to float rounding)."""
-        w = getattr(self.base_layer, "weight", None)
+        if not self.merged_adapters:
+            return
+        w = self.base_layer.get_parameter("weight")
         for name in reversed(self.merged_adapters):
             w.sub_(self.get_delta_weight(name).to(w.dtype))
         self.merged_adapters = []
@@ -300,7 +305,7 @@ def root_model(module: nn.Module) -> tuple[nn.Module, list[str] | None]:
     root = ref() if ref is not None else None
     if root is None:
         raise ConfigError(f"the {module.part_name} view has lost its model; pass the DetectionModel itself")
-    return root, [module.part_name]
+    return root, [str(module.part_name)]
 
 
 def part_of(root: nn.Module, name: str) -> str:
@@ -480,14 +485,10 @@ def check_new_adapter_name(root: nn.Module, name: str) -> None:
 def class_branch_modules(root: nn.Module) -> list[str]:
     """Names of the head's final class predictors (one 1x1 conv per level, ``model.<head>.cv3.<i>.<last>``)."""
     layers = getattr(root, "model", None)
-    head = layers[-1] if isinstance(layers, (nn.ModuleList, nn.Sequential)) and len(layers) else None
-    if head is None or not hasattr(head, "cv3"):
+    cv3 = getattr(layers[-1], "cv3", None) if isinstance(layers, (nn.ModuleList, nn.Sequential)) and len(layers) else None
+    if layers is None or not isinstance(cv3, nn.ModuleList):
         raise ConfigError("train_class_branch needs a DetectionModel (a Detect head with a class branch cv3)")
-    out = []
-    for i, branch in enumerate(head.cv3):
-        last = len(branch) - 1
-        out.append(f"model.{len(layers) - 1}.cv3.{i}.{last}")
-    return out
+    return [f"model.{len(layers) - 1}.cv3.{i}.{len(list(branch.children())) - 1}" for i, branch in enumerate(cv3)]
 
 
 def mark_trainable(root: nn.Module, param_names: Iterable[str], role: str) -> int:

@@ -334,8 +334,7 @@ def _inject(root: nn.Module, desc: dict[str, Any], name: str) -> None:
         raise CheckpointError(f"the adapter was made by PEFT method {desc['method']!r}, which is not registered here: {exc}") from exc
     if method.config_class is None or not method.named:
         raise CheckpointError(f"method {method.name!r} adds no adapter layers to rebuild")
-    # TODO(lead): drop the ignore once registry.PeftMethod.config_class is typed type[TunerConfig] | None
-    settings = method.config_class.from_dict(saved).for_reload()  # type: ignore[attr-defined]
+    settings = method.config_class.from_dict(saved).for_reload()
     method.apply(root, settings, adapter_name=name)
     recorded = peft_state(root).adapters[name]
     recorded.update({k: v for k, v in saved.items() if k not in recorded})  # e.g. what a combined adapter came from

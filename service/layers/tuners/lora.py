@@ -303,8 +303,7 @@ class LoRALayer(BaseTunerLayer):
             return self.base_layer._conv_forward(x, weight, bias)
         return F.linear(x, weight, bias)
 
-    # TODO(lead): drop the ignore once base.BaseTunerLayer declares update_layer as Callable[..., None]
-    def update_layer(self, adapter_name: str, config: LoRAConfig, r: int, alpha: float) -> None:  # type: ignore[override]
+    def update_layer(self, adapter_name: str, config: LoRAConfig, r: int, alpha: float) -> None:
         """Add adapter ``adapter_name`` with rank ``r`` and scale numerator ``alpha``."""
         self.add_lora(adapter_name, r, alpha, config.dropout, config.use_rslora, self.resolve_lora_variant(config))
 

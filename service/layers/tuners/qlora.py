@@ -63,8 +63,7 @@ class QLoRALayer(LoRALayer):
         self.nf4 = NF4Weight(self.base_layer.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         del self.base_layer.weight
 
-    # TODO(lead): drop the ignore once base.BaseTunerLayer declares update_layer as Callable[..., None]
-    def update_layer(self, adapter_name: str, config: LoRAConfig, r: int, alpha: float) -> None:  # type: ignore[override]
+    def update_layer(self, adapter_name: str, config: LoRAConfig, r: int, alpha: float) -> None:
         super().update_layer(adapter_name, config, r, alpha)
         self.quantize(getattr(config, "blocksize", 64), getattr(config, "double_quant", True))
 

@@ -13,7 +13,7 @@ the layer's ``mergeable`` flag, see :func:`is_mergeable`) and the report.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from torch import nn
 
@@ -30,6 +30,8 @@ from service.layers.tuners.base import (
     resolve_targets,
 )
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
 
 @dataclass(frozen=True)
 class PeftMethod:
@@ -44,7 +46,7 @@ class PeftMethod:
     """
 
     name: str
-    config_class: type | None
+    config_class: type[TunerConfig] | None
     apply: Callable[..., nn.Module]
     layer_class: type[BaseTunerLayer] | None = None
     mergeable: bool = True
@@ -58,7 +60,7 @@ class PeftMethod:
 _METHODS: dict[str, PeftMethod] = {}
 
 
-def _generic_apply(config_class: type, layer_class: type[BaseTunerLayer]) -> Callable[..., nn.Module]:
+def _generic_apply(config_class: type[TunerConfig], layer_class: type[BaseTunerLayer]) -> Callable[..., nn.Module]:
     def apply(module: nn.Module, config=None, adapter_name: str = "default", **settings) -> nn.Module:
         inject_adapter(module, build_config(config_class, config, settings), adapter_name, layer_class)
         return module
@@ -69,7 +71,7 @@ def _generic_apply(config_class: type, layer_class: type[BaseTunerLayer]) -> Cal
 
 
 def register_peft_method(
-    config_class: type | None = None,
+    config_class: type[TunerConfig] | None = None,
     layer_class: type[BaseTunerLayer] | None = None,
     *,
     name: str | None = None,
@@ -117,7 +119,7 @@ def list_peft_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def peft_config_class(method: str) -> type | None:
+def peft_config_class(method: str) -> type[TunerConfig] | None:
     """The config dataclass of a method (None for ``none``)."""
     return _lookup(method).config_class
 
@@ -138,13 +140,14 @@ def _lookup(method: str) -> PeftMethod:
     return _METHODS[method]
 
 
-def apply_peft(model: nn.Module, method: str, **settings: Any) -> nn.Module:
+def apply_peft(model: ModuleT, method: str, **settings: Any) -> ModuleT:
     """Apply a PEFT method by name with keyword settings (the fields of its config class).
 
     Example:
         >>> apply_peft(model, "lora", rank=8, targets=["backbone", "neck"], adapter_name="kitchen")
     """
-    return _lookup(method).apply(model, **settings)
+    _lookup(method).apply(model, **settings)  # every method works in place and returns the module it was given
+    return model
 
 
 @dataclass
