@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from models.images import pil_open
+from models.images import read_rgb, to_rgb8
 from models.errors import CheckpointError, DataError
 from models.processing import postprocess, preprocess
 
@@ -50,13 +50,11 @@ def load_image(image: Any) -> np.ndarray:
         except ImportError:  # pragma: no cover - Pillow is optional on the glasses
             raise DataError("decoding image files needs Pillow; pass an RGB numpy array instead") from None
         try:
-            with pil_open(path) as im:
-                im.load()
-                return np.asarray(im.convert("RGB"))
+            return read_rgb(path)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"cannot decode {path} as an image ({exc}); pass a JPEG/PNG file or an RGB array") from None
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
-        return np.asarray(image.convert("RGB"))
+        return to_rgb8(image)
     if not isinstance(image, np.ndarray):
         raise DataError(f"expected an RGB numpy array, a PIL image or a path, got {type(image).__name__}")
     if image.ndim == 2:

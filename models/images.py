@@ -72,6 +72,18 @@ def to_rgb8(img):
     return np.asarray(img, dtype=np.uint8)
 
 
+def read_rgb(fp: Any):
+    """An image file (a path or a binary file object) -> HxWx3 uint8 RGB, as :func:`to_rgb8` converts it.
+
+    The one decoder of image files for datasets, the runtime and HTTP (which adds limits and reduction
+    around the same conversion), so a frame gives the same pixels in training and in inference. Pillow's
+    errors (``UnidentifiedImageError``, ``OSError`` ...) reach the caller, which knows what to tell the user.
+    """
+    with pil_open(fp) as img:
+        img.load()
+        return to_rgb8(img)
+
+
 def decode_reduced(img, target: int | None):
     """Load ``img`` (opened, not yet loaded) no larger than needed for a ``target``-pixel network input.
 
