@@ -1,4 +1,5 @@
-"""DetectionAugment: PIL or tensor in, the same uint8 tensor out, boxes moved with the pixels, one torch thread inside."""
+"""DetectionAugment: PIL or tensor in, the same uint8 tensor out, boxes moved with the pixels, one torch thread inside;
+its OpenCV colour jitter matches torchvision's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from training.data.augment import AugmentConfig, DetectionAugment, single_thread
+from training.data.augment import AugmentConfig, ColorJitter, DetectionAugment, single_thread
 
 BOXES = torch.tensor([[8.0, 10.0, 30.0, 40.0], [40.0, 20.0, 60.0, 50.0]])
 CLASSES = torch.tensor([1, 3])
@@ -17,6 +18,40 @@ CLASSES = torch.tensor([1, 3])
 @pytest.fixture
 def frame() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+def smooth_frame() -> np.ndarray:
+    """Colour gradients (hue, saturation and brightness all vary), like a photo rather than noise."""
+    y, x = np.mgrid[0:64, 0:64].astype(np.float32) / 63
+    return (np.stack([x, y, 1 - (x + y) / 2], -1) * 230 + 10).astype(np.uint8)
+
+
+@pytest.mark.parametrize("settings, worst", [({"brightness": 0.3}, 1), ({"contrast": 0.3}, 1), ({"saturation": 0.5}, 1),
+                                             ({"hue": 0.015}, 10), ({"brightness": 0.3, "contrast": 0.3,
+                                                                    "saturation": 0.5, "hue": 0.015}, 14)])
+def test_color_jitter_matches_torchvision_in_float_and_draws_the_same_numbers(settings, worst):
+    """Against torchvision's exact float path with the same draws: rounding only for brightness, contrast and
+    saturation; hue goes through 8-bit HSV (as torchvision's own PIL path does: its mean error here is 0.4-1.5
+    levels, its largest 4-10), whose error a later saturation boost can enlarge, hence ``worst``."""
+    frame = smooth_frame()
+    as_float = torch.from_numpy(frame).permute(2, 0, 1).float() / 255
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ours = np.asarray(ColorJitter(**settings)(Image.fromarray(frame))).astype(float)
+        after_ours = torch.rand(1)
+        torch.manual_seed(seed)
+        exact = (v2.ColorJitter(**settings)(as_float) * 255).permute(1, 2, 0).numpy()
+        assert torch.equal(after_ours, torch.rand(1))  # the same random draws: runs stay reproducible
+        difference = np.abs(ours - exact)
+        assert difference.max() <= worst and difference.mean() < 1.5, (seed, difference.max(), difference.mean())
+
+
+def test_color_jitter_leaves_tensors_to_torchvision():
+    image = torch.from_numpy(smooth_frame()).permute(2, 0, 1).contiguous()
+    torch.manual_seed(0)
+    ours = ColorJitter(brightness=0.3, hue=0.015)(image)
+    torch.manual_seed(0)
+    assert torch.equal(ours, v2.ColorJitter(brightness=0.3, hue=0.015)(image))
 
 
 def test_pil_and_tensor_inputs_give_the_same_sample(frame):
