@@ -14,7 +14,6 @@ Child protocol (``python -m service.jobs.checker``): one JSON object per line in
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import select
@@ -56,8 +55,7 @@ def check_with_library(values: dict[str, Any], export: dict[str, Any]) -> None:
         if isinstance(exc, GlassesVisionError):
             raise
         raise ConfigError(f"invalid training settings: {exc}") from None
-    if not config.full_fine_tuning:
-        _check_peft(config)
+    # validate() has checked the PEFT method and its settings exactly as the recipe applies them
     # The optimizer is built over two tiny tensors shaped like a conv weight and a bias: the library checks
     # its name, its keyword settings and their values exactly as the recipe will.
     params = [torch.nn.Parameter(torch.zeros(8, 4, 3, 3)), torch.nn.Parameter(torch.zeros(8))]
@@ -69,35 +67,6 @@ def check_with_library(values: dict[str, Any], export: dict[str, Any]) -> None:
         raise ConfigError(f"optimizer_settings: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"optimizer_settings: {exc}") from None
-
-
-def _check_peft(config: Any) -> None:
-    from service.layers.peft import peft_config_class
-
-    try:
-        cls = peft_config_class(config.peft)
-    except GlassesVisionError as exc:
-        raise ConfigError(f"peft: {exc}") from None
-    if cls is None:
-        return
-    accepted = {f.name for f in dataclasses.fields(cls)}
-    settings: dict[str, Any] = {"rank": config.rank} if "rank" in accepted else {}
-    if config.alpha is not None and "alpha" in accepted:
-        settings["alpha"] = config.alpha
-    if config.new_classes:
-        if "train_class_branch" not in accepted:
-            raise ConfigError(f"new_classes: PEFT method {config.peft!r} cannot train a new class predictor")
-        settings["train_class_branch"] = True
-    settings.update(config.peft_settings)
-    unknown = sorted(set(settings) - accepted)
-    if unknown:
-        raise ConfigError(f"peft_settings: {config.peft} does not take {unknown}; it takes {', '.join(sorted(accepted))}")
-    try:
-        cls(**settings)
-    except GlassesVisionError as exc:
-        raise ConfigError(f"peft_settings: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"peft_settings: {exc}") from None
 
 
 def _answer(line: str) -> dict[str, Any]:
