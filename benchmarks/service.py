@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the Settings default)")
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="its detect_batch_wait_ms (default: Settings)")
     parser.add_argument("--batch-parallel", type=int, default=None, help="its detect_batch_parallel (default: Settings)")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="both servers' max_concurrent_inference, "
+                        "which caps the frames a batch can gather (default: the highest --concurrency)")
     parser.add_argument("--profile", default=None, help="also py-spy the batching server over --seconds of sequential "
                         "requests and write the breakdown (and the raw samples next to it)")
     parser.add_argument("--out", default=None, help="also write the results table (markdown) here")
@@ -302,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name, size in (("http batched", batch_size), ("http unbatched", 1)):
                 port = _free_port()
-                servers[name] = _start_server(home, port, args.threads, max_c, size, batch_wait, parallel)
+                servers[name] = _start_server(home, port, args.threads, args.max_concurrent or max_c, size, batch_wait,
+                                              parallel)
                 clients[name] = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
                                              limits=httpx.Limits(max_connections=max_c * 2))
             for name in servers:
@@ -413,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         f"frame {width}x{height} JPEG ({len(jpeg)} bytes) sent as {args.body} body by {_client_words(load_client)}, "
         f"model input {detector.imgsz[0]}x{detector.imgsz[1]}, {args.seconds} s per measurement x {args.rounds} "
         f"interleaved rounds, medians; batching server: detect_batch_size {batch_size}, detect_batch_wait_ms "
-        f"{batch_wait:g}, detect_batch_parallel {parallel}. "
+        f"{batch_wait:g}, detect_batch_parallel {parallel}; max_concurrent_inference {args.max_concurrent or max_c}. "
         f"Load average (1 min) before: {load_before:.2f}, after each round: "
         f"{', '.join(f'{v:.2f}' for v in loads)}.",
         "",

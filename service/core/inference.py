@@ -9,11 +9,13 @@ are dropped beyond ``max_loaded``.
 
 :class:`MicroBatcher` runs the frames of detect requests for one model that
 arrive together as one ONNX batch (decode, letterbox, one ``session.run``, NMS per
-frame, all in one worker thread). A frame waits for company at most
-``detect_batch_wait_ms``, and only while other requests for the same model are
-on their way (reading their body or taking a slot): a lone request never waits.
-Results are those of a single-frame ``Detector.detect`` call (the same
-pre/post-processing, row by row).
+frame, all in one worker thread), in up to ``detect_batch_parallel`` lanes at once.
+Frames that arrive while every lane is busy run together in the next free lane; a
+frame that finds a lane free waits for company at most ``detect_batch_wait_ms``, and
+only when company is expected (requests on their way, or more frames than lanes in
+the air a moment ago): a lone request on a quiet server never waits. Results are
+those of a single-frame ``Detector.detect`` call (the same pre/post-processing, row
+by row).
 """
 
 from __future__ import annotations
