@@ -45,15 +45,24 @@ def _reference_adamw8bit(model, steps, lr=1e-2, wd=1e-2, betas=(0.9, 0.999), eps
     return state
 
 
-@pytest.mark.parametrize("chunk", [256, 1 << 16])
-def test_packed_8bit_step_equals_the_per_tensor_algorithm(monkeypatch, chunk):
-    """Chunks of one block (every tensor split across chunks) and of many tensors give the reference's bits."""
+@pytest.mark.parametrize(
+    "chunk, block_size, in_place",
+    [(256, 256, 1 << 14), (1 << 16, 256, 1 << 14), (256, 16, 16), (1 << 16, 16, 16)],
+    ids=["one-block-chunks", "64Ki-chunks", "in-place-multi-chunk", "in-place-one-chunk"],
+)
+def test_packed_8bit_step_equals_the_per_tensor_algorithm(monkeypatch, chunk, block_size, in_place):
+    """Chunks of one block (every tensor split across chunks) and of many tensors give the reference's bits.
+
+    With 16-value blocks the conv and linear weights (432 and 560 values) are updated in their own
+    state tensors and the rest packed, so both paths run in one step.
+    """
     monkeypatch.setattr(lowrank, "CHUNK_NUMEL", chunk)
+    monkeypatch.setattr(lowrank, "IN_PLACE_NUMEL", in_place)
     torch.manual_seed(0)
     ref = TinyNet()
     model = clone_model(ref)
-    state = _reference_adamw8bit(ref, 4)
-    opt = AdamW8bit(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    state = _reference_adamw8bit(ref, 4, bs=block_size)
+    opt = AdamW8bit(model.parameters(), lr=1e-2, weight_decay=1e-2, block_size=block_size)
     mse_steps(model, opt, 4)
     for p, q in zip(ref.parameters(), model.parameters()):
         assert torch.equal(p, q)
@@ -71,6 +80,25 @@ def test_coap8bit_does_not_depend_on_the_chunking(monkeypatch):
     monkeypatch.setattr(lowrank, "CHUNK_NUMEL", 1)  # one block per chunk
     opt_b = COAPAdamW(b.parameters(), lr=1e-2, rank=2, eight_bit=True, **PROJECTED)
     mse_steps(b, opt_b, 9)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+        for key, value in opt_a.state[p].items():
+            assert torch.equal(value, opt_b.state[q][key]) if torch.is_tensor(value) else value == opt_b.state[q][key]
+
+
+def test_coap8bit_in_place_moments_equal_packed_ones(monkeypatch):
+    """Moments updated in their own tensors (4-value blocks: every projected moment is block-aligned) equal packed ones,
+    across the projection moves that decode and transfer the first moment."""
+    torch.manual_seed(0)
+    a = TinyNet()
+    b = clone_model(a)
+    opt_a = COAPAdamW(a.parameters(), lr=1e-2, rank=2, eight_bit=True, block_size=4, **PROJECTED)
+    mse_steps(a, opt_a, 9)
+    monkeypatch.setattr(lowrank, "IN_PLACE_NUMEL", 1)
+    monkeypatch.setattr(lowrank, "CHUNK_NUMEL", 8)  # two blocks per chunk: in-place tensors take several chunks
+    opt_b = COAPAdamW(b.parameters(), lr=1e-2, rank=2, eight_bit=True, block_size=4, **PROJECTED)
+    mse_steps(b, opt_b, 9)
+    assert any(s["exp_avg"].numel() % 4 == 0 and s["exp_avg"].numel() > 8 for s in opt_b.state.values())
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
         for key, value in opt_a.state[p].items():

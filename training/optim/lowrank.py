@@ -41,33 +41,56 @@ def _check(cond: bool, message: str) -> None:
 
 #: values per chunk of the 8-bit step: its temporaries stay in the CPU cache (measured in docs/benchmarks/optimizers.md)
 CHUNK_NUMEL = 1 << 16
+#: a block-aligned tensor of at least this many values is updated in its own state tensors, chunk by chunk,
+#: instead of being packed with the others (no gather, no copy back)
+IN_PLACE_NUMEL = 1 << 14
 
 
 class PackedMoments:
-    """The 8-bit moments of a group's tensors, packed end to end for one step.
+    """The 8-bit moments of a group's tensors for one step.
 
     ``optimizer.state`` keeps one code tensor and one scale tensor per parameter
-    and moment; a step packs the codes (a byte per value), runs Adam chunk by chunk
-    (decode, update, encode, all in cache-sized temporaries) and copies the new
-    codes and scales back in place. The float first moment is decoded in full only
-    when a projection moves (:meth:`first_moment`).
+    and moment. Large tensors whose size is a whole number of blocks are updated
+    in those tensors, chunk by chunk; the others (small and ragged ones) are packed
+    end to end (a byte per value), updated chunk by chunk, and their codes and
+    scales copied back. Every chunk runs Adam in cache-sized temporaries (decode,
+    update, encode). The float first moment is decoded in full only when a
+    projection moves (:meth:`first_moment`).
     """
 
     def __init__(self, states: list[dict[str, Any]], block_size: int):
         self.states = states
-        self.layout = block_layout(tuple(s["exp_avg"].shape for s in states), block_size)
-        self.codes = {k: self.layout.pack([s[k] for s in states]) for k in ("exp_avg", "exp_avg_sq")}
-        self.absmax = {k: torch.cat([s[k + "_absmax"] for s in states]) for k in ("exp_avg", "exp_avg_sq")}
-        self.m_device = states[0]["exp_avg"].device
-        self._m: torch.Tensor | None = None  # the decoded first moment, once asked for
+        self.block_size = block_size
+        numels = [s["exp_avg"].numel() for s in states]
+        self.in_place = [i for i, n in enumerate(numels) if n % block_size == 0 and n >= IN_PLACE_NUMEL]
+        taken = set(self.in_place)
+        self.packed = [i for i in range(len(states)) if i not in taken]
+        self.slot = {i: k for k, i in enumerate(self.packed)}  # tensor index -> position among the packed
+        packed_states = [states[i] for i in self.packed]
+        self.layout = block_layout(tuple(s["exp_avg"].shape for s in packed_states), block_size)
+        self.codes, self.absmax = {}, {}
+        if packed_states:
+            for k in ("exp_avg", "exp_avg_sq"):
+                self.codes[k] = self.layout.pack([s[k] for s in packed_states])
+                self.absmax[k] = torch.cat([s[k + "_absmax"] for s in packed_states])
+        self._m: torch.Tensor | None = None  # the packed tensors' decoded first moment, once asked for
         self._m_views: list[torch.Tensor] = []
+        self._m_in_place: dict[int, torch.Tensor] = {}  # the same for in-place tensors, per tensor
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, self.block_size)
 
     def first_moment(self, i: int) -> torch.Tensor:
         """Tensor ``i``'s float32 first moment; writes to it (a moment transfer) go into this step's update."""
+        if i not in self.slot:
+            if i not in self._m_in_place:
+                codes, absmax = self.states[i]["exp_avg"], self.states[i]["exp_avg_absmax"]
+                self._m_in_place[i] = decode_blocks(self._rows(codes), absmax).view(codes.shape)
+            return self._m_in_place[i]
         if self._m is None:
             self._m = decode_blocks(self.codes["exp_avg"], self.absmax["exp_avg"])
             self._m_views = self.layout.unpack(self._m)
-        return self._m_views[i]
+        return self._m_views[self.slot[i]]
 
     def adam(self, grads, steps, step_sizes, direct, decay, beta1, beta2, eps) -> list[torch.Tensor | None]:
         """Moments ← Adam's with ``grads``, stored 8-bit; returns each tensor's ``step_size·m̂ / (√v̂ + eps)``.
@@ -77,22 +100,57 @@ class PackedMoments:
         packed size is allocated in float32 (a fresh buffer over ~32 MB page-faults
         on every step): gradients are gathered and updates spread chunk by chunk.
         """
-        device = self.m_device
+        updates = [None if d is not None else torch.empty(g.shape, device=g.device) for g, d in zip(grads, direct)]
+        rows = max(1, CHUNK_NUMEL // self.block_size)
+        for i in self.in_place:
+            s = self.states[i]
+            mc, vc = self._rows(s["exp_avg"]), self._rows(s["exp_avg_sq"])
+            ma, va = s["exp_avg_absmax"], s["exp_avg_sq_absmax"]
+            g = self._rows(grads[i])
+            m_float = self._rows(self._m_in_place[i]) if i in self._m_in_place else None
+            target = self._rows(direct[i] if direct[i] is not None else updates[i])
+            bc2 = math.sqrt(1 - beta2 ** steps[i])
+            for r in range(0, mc.shape[0], rows):
+                c = slice(r, r + rows)
+                m = m_float[c] if m_float is not None else decode_blocks(mc[c], ma[c])
+                denom = self._chunk(m, mc[c], ma[c], vc[c], va[c], g[c], bc2, beta1, beta2, eps)
+                if direct[i] is not None:  # p ← decay·p + step_size·m / denom
+                    if decay != 1:
+                        target[c].mul_(decay)
+                    target[c].addcdiv_(m, denom, value=step_sizes[i])
+                else:
+                    torch.div(m, denom, out=target[c]).mul_(step_sizes[i])
+        if self.packed:
+            self._adam_packed(
+                *([x[i] for i in self.packed] for x in (grads, steps, step_sizes, direct, updates)),
+                decay, beta1, beta2, eps,
+            )  # fmt: skip
+        return updates
+
+    @staticmethod
+    def _chunk(m, mc, ma, vc, va, g, bc2, beta1, beta2, eps) -> torch.Tensor:
+        """Adam on one chunk of rows: ``m`` (float) updated in place, both moments encoded into the codes; returns ``√v̂ + eps``."""
+        v = decode_blocks(vc, va)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        encode_blocks(m, True, out=(mc, ma))
+        denom = v.sqrt().div_(bc2).add_(eps)
+        encode_blocks(v, False, out=(vc, va), overwrite=True)
+        return denom
+
+    def _adam_packed(self, grads, steps, step_sizes, direct, updates, decay, beta1, beta2, eps) -> None:
+        """:meth:`adam` for the packed tensors: gathered and spread chunk by chunk, codes copied back at the end."""
+        device = self.codes["exp_avg"].device
         blocks = torch.tensor(self.layout.blocks, device=device)  # every tensor owns its blocks
         bc2 = torch.tensor([math.sqrt(1 - beta2**s) for s in steps], device=device).repeat_interleave(blocks)[:, None]
         size = torch.tensor(step_sizes, device=device).repeat_interleave(blocks)[:, None]  # for the returned updates
-        updates = [None if d is not None else torch.empty(g.shape, device=device) for g, d in zip(grads, direct)]
         mc, ma = self.codes["exp_avg"], self.absmax["exp_avg"]
         vc, va = self.codes["exp_avg_sq"], self.absmax["exp_avg_sq"]
+        decay_t = torch.tensor(decay, device=device)  # a Python number would be wrapped in a tensor once per piece
         for c, pieces in self.layout.chunks(max(1, CHUNK_NUMEL // self.layout.block_size)):
             g = self.layout.gather(grads, pieces)
             m = self._m[c] if self._m is not None else decode_blocks(mc[c], ma[c])
-            v = decode_blocks(vc[c], va[c])
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            encode_blocks(m, True, out=(mc[c], ma[c]))
-            denom = v.sqrt().div_(bc2[c]).add_(eps)
-            encode_blocks(v, False, out=(vc[c], va[c]), overwrite=True)
+            denom = self._chunk(m, mc[c], ma[c], vc[c], va[c], g, bc2[c], beta1, beta2, eps)
             mine = [i for i, (t, *_) in enumerate(pieces) if direct[t] is not None]  # parameters updated here
             if len(mine) < len(pieces):
                 update = self.layout.split_chunk(torch.div(m, denom).mul_(size[c]), pieces)
@@ -103,14 +161,37 @@ class PackedMoments:
                 params = self.layout.piece_views(direct, [pieces[i] for i in mine])
                 m_parts, d_parts = self.layout.split_chunk(m, pieces), self.layout.split_chunk(denom, pieces)
                 if decay != 1:
-                    torch._foreach_mul_(params, decay)
+                    torch._foreach_mul_(params, decay_t)
                 torch._foreach_addcdiv_(
                     params, [m_parts[i] for i in mine], [d_parts[i] for i in mine], [step_sizes[pieces[i][0]] for i in mine]
                 )
+        packed_states = [self.states[i] for i in self.packed]
         for k in ("exp_avg", "exp_avg_sq"):
-            torch._foreach_copy_([s[k] for s in self.states], self.layout.unpack(self.codes[k]))
-            torch._foreach_copy_([s[k + "_absmax"] for s in self.states], self.layout.split_blocks(self.absmax[k]))
-        return updates
+            torch._foreach_copy_([s[k] for s in packed_states], self.layout.unpack(self.codes[k]))
+            torch._foreach_copy_([s[k + "_absmax"] for s in packed_states], self.layout.split_blocks(self.absmax[k]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(
+    shape: tuple[int, ...], projected: bool, conv_layout: str, rank: int | None,
+    rank_ratio_cnn: float, rank_ratio_matrix: float, min_numel: int,
+) -> tuple[str, tuple]:  # fmt: skip
+    """:meth:`ProjectedAdamW.layout`, cached: a pure function of the shape and the settings, asked for every step."""
+    numel = math.prod(shape)
+    if not projected or len(shape) < 2 or numel <= min_numel:
+        return "adam", ()
+    if len(shape) == 4 and shape[2] * shape[3] > 1 and conv_layout == "tucker":
+        root = math.sqrt(rank_ratio_cnn)
+        # A mode's rank can exceed neither its size nor the size of its unfolding's other side
+        # (e.g. an 8x256x3x3 LoRA-A kernel: the input mode unfolds to 256 x 72).
+        r = [min(d, numel // d, rank if rank is not None else max(1, math.ceil(d / root))) for d in shape[:2]]
+        return "tucker", (r[0], r[1])
+    rows, cols = shape[0], numel // shape[0]
+    transposed = rows < cols
+    if transposed:
+        rows, cols = cols, rows
+    r = min(cols, rank if rank is not None else max(1, math.ceil(cols / rank_ratio_matrix)))
+    return "matrix", (rows, cols, r, transposed)
 
 
 class ProjectedAdamW(Optimizer):
@@ -191,24 +272,10 @@ class ProjectedAdamW(Optimizer):
     # ------------------------------------------------------------------- layout
     def layout(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[str, tuple]:
         """``("adam", ())``, ``("matrix", (rows, cols, r, transposed))`` or ``("tucker", (r0, r1))`` for ``p``."""
-        if not self.projected or p.dim() < 2 or p.numel() <= group["min_numel"]:
-            return "adam", ()
-        rank = group["rank"]
-        if p.dim() == 4 and p.shape[2] * p.shape[3] > 1 and self.conv_layout == "tucker":
-            root = math.sqrt(group["rank_ratio_cnn"])
-            # A mode's rank can exceed neither its size nor the size of its unfolding's other side
-            # (e.g. an 8x256x3x3 LoRA-A kernel: the input mode unfolds to 256 x 72).
-            r = [
-                min(d, p.numel() // d, rank if rank is not None else max(1, math.ceil(d / root)))
-                for d in p.shape[:2]
-            ]
-            return "tucker", (r[0], r[1])
-        rows, cols = p.shape[0], p.numel() // p.shape[0]
-        transposed = rows < cols
-        if transposed:
-            rows, cols = cols, rows
-        r = min(cols, rank if rank is not None else max(1, math.ceil(cols / group["rank_ratio_matrix"])))
-        return "matrix", (rows, cols, r, transposed)
+        return _layout(
+            tuple(p.shape), self.projected, self.conv_layout, group["rank"],
+            group["rank_ratio_cnn"], group["rank_ratio_matrix"], group["min_numel"],
+        )  # fmt: skip
 
     @staticmethod
     def _as_matrix(t: torch.Tensor, transposed: bool) -> torch.Tensor:

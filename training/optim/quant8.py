@@ -70,8 +70,8 @@ def encode_blocks(
 
     The nearest level in log space is ``round(L + c·log2(|x| / absmax))`` with
     ``c = (L - 1) / -log2_min``, computed as ``trunc(c·log2|x| + (L + ½ - c·log2 absmax))``
-    clamped to the code range: five passes over the values (log, multiply-add,
-    clamp, sign, cast) besides ``|x|`` and the block maximum. The block maximum
+    clamped to the code range: four passes over the values (log, multiply-add,
+    clamp, cast), two more for the sign when signed, besides ``|x|`` and the block maximum. The block maximum
     itself lands on level ``L`` (decoded exactly); zeros give ``log2 0 = -inf``, code 0
     (signed) or 1 (unsigned).
 
@@ -86,7 +86,7 @@ def encode_blocks(
     offset = absmax.clamp_min(torch.finfo(torch.float32).tiny).log2_().mul_(-c).add_(levels + 0.5)
     k = torch.add(offset[:, None], mag.log2_(), alpha=c, out=mag).clamp_min_(0 if signed else 1)
     if signed:
-        k.copysign_(blocks)  # code 0 stays 0 for zeros
+        k.mul_(blocks.sign())  # as copysign (k is 0 where blocks is), in two fast passes instead of one slow one
     if out is not None:
         return out[0].copy_(k), absmax  # the cast truncates: levels 0..L (k <= L + ½ up to rounding)
     return k.to(torch.int8 if signed else torch.uint8), absmax
