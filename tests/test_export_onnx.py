@@ -44,6 +44,19 @@ def test_metadata_and_verification(exported):
     assert not list(Path(result.path).parent.glob(".*staging*"))  # no temporary file left behind
 
 
+def test_dfl_softmax_runs_on_the_bins_axis_with_the_same_result(exported):
+    from ultralytics.nn.modules.block import DFL
+
+    from export.onnx_export import BinsAxisDFL
+
+    dfl = DFL(16)
+    x = torch.randn(2, 64, 50)
+    torch.testing.assert_close(BinsAxisDFL(dfl)(x), dfl(x), rtol=1e-5, atol=1e-5)
+    _, result = exported
+    softmax = [n for n in onnx.load(result.path).graph.node if n.op_type == "Softmax" and "/dfl/" in n.name]
+    assert [a.i for n in softmax for a in n.attribute if a.name == "axis"] == [2]  # (B, 4, 16, A): the bins' axis
+
+
 def test_dynamic_batch_matches_pytorch(exported, tmp_path):
     model, static = exported
     result = export_onnx(model, tmp_path / "dynamic.onnx", dynamic_batch=True, verify=False)
