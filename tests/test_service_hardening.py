@@ -356,7 +356,9 @@ def test_10_requests_beyond_the_limit_wait_in_a_bounded_queue(home):
             t.join(10)
         assert results["first"].status_code == 200 and results["queued"].status_code == 200
     defaults = Settings()
-    assert defaults.max_concurrent_inference == max(2, os.cpu_count() or 1) and defaults.inference_queue > 0
+    assert defaults.max_concurrent_inference == defaults.detect_batch_size * defaults.detect_batch_parallel
+    assert defaults.inference_queue > 0
+    assert Settings(detect_batch_size=1, detect_batch_parallel=3).max_concurrent_inference == 3
 
 
 def test_10_a_request_that_waits_too_long_gets_503(home):

@@ -71,10 +71,6 @@ class Settings(BaseModel):
         3, ge=0, description="run folders (checkpoints, for resume) kept for the newest failed jobs; older ones are removed"
     )
 
-    max_concurrent_inference: int = Field(
-        default_factory=lambda: max(2, os.cpu_count() or 1),
-        gt=0, description="detect requests running at once (default: the CPU count, at least 2)",
-    )
     inference_queue: int = Field(
         default_factory=lambda: 16 * max(2, os.cpu_count() or 1),
         ge=0, description="detect requests that may wait for a running slot (their uploads wait on disk); beyond -> 429",
@@ -95,6 +91,13 @@ class Settings(BaseModel):
         2.0, ge=0.0, le=50.0,
         description="how long a frame waits for others of the same model to join its batch; only while more detect "
         "requests for that model are arriving (a lone request never waits)",
+    )
+    max_concurrent_inference: int = Field(
+        # every frame the batches can hold: fewer slots cap the batches (2 slots on 2 cores kept each batch at
+        # one or two frames: 0.63x in-process throughput at concurrency 4 against 0.76x, docs/benchmarks/service.md)
+        default_factory=lambda data: data["detect_batch_size"] * data["detect_batch_parallel"],
+        gt=0, description="detect requests running at once (default: detect_batch_size x detect_batch_parallel, "
+        "all the frames the running batches can hold); decoding memory is bounded apart by max_decode_bytes_in_flight",
     )
     max_loaded_models: int = Field(4, gt=0, description="ONNX sessions kept loaded (least recently used dropped)")
 
