@@ -2,7 +2,7 @@
 batch 1) file vs our dynamic-batch file vs ultralytics' own ONNX export of the same weights, merged-LoRA vs
 base; file sizes; int8 mAP change; with --knobs, the int8 settings (weights per channel or per tensor,
 activation and weight types, QDQ or QOperator, which nodes stay float, calibration method and frame count,
-onnxruntime session options) and the DFL-softmax rewrite proposed for the export.
+onnxruntime session options).
 
     python benchmarks/export.py                                   # shipped base model (else fresh yolo11n) + generated data
     python benchmarks/export.py --source runs/kitchen --data data.yaml --imgsz 320 --threads 1 --knobs
@@ -33,7 +33,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.onnx_latency import dfl_softmax_on_bins_axis  # noqa: E402
 
 
 def ultralytics_export(model, imgsz: int, out_dir: Path) -> Path:
@@ -150,9 +149,6 @@ def main(argv=None) -> int:
         except Exception as exc:  # a knob onnxruntime cannot apply to this model is reported, not fatal
             print(f"{label}: failed ({type(exc).__name__}: {str(exc)[:160]})", file=sys.stderr)
     default_int8 = next(iter(int8))
-    if args.knobs:  # the proposal for the export: DFL softmax on the bins' axis, fp32 and int8 (default settings)
-        dfl_fp32 = dfl_softmax_on_bins_axis(Path(base.path), work / "fp32-dfl.onnx")
-        reports["int8 (default), DFL softmax on the bins' axis"] = quantize_onnx(dfl_fp32, work / "int8-dfl.onnx", **common)
     if args.map:  # the float file once, then each int8 file, by training.evaluate on the val split
         from export.evaluate import evaluate_onnx
 
@@ -167,8 +163,6 @@ def main(argv=None) -> int:
              "onnxruntime fp32 (ours, dynamic batch)": dynamic.path,
              "onnxruntime fp32 (ultralytics export)": ul_path,
              "onnxruntime merged-LoRA (static batch 1)": lora.path}
-    if args.knobs:
-        files["onnxruntime fp32 (ours), DFL softmax on the bins' axis"] = dfl_fp32
     files.update({f"onnxruntime {label}": r.path for label, r in reports.items()})
     dets = {name: Detector(p, threads=args.threads) for name, p in files.items()}
 
@@ -220,8 +214,6 @@ def main(argv=None) -> int:
     ul = med["onnxruntime fp32 (ultralytics export)"]
     q_default = med.get(f"onnxruntime {default_int8}")
     before = "int8 (stem conv int8 too: the default before)"
-    dfl_f = "onnxruntime fp32 (ours), DFL softmax on the bins' axis"
-    dfl_q = "onnxruntime int8 (default), DFL softmax on the bins' axis"
 
     sizes = {"fp32 (ours, static batch 1)": base.size_bytes, "fp32 (ours, dynamic batch)": dynamic.size_bytes,
              "fp32 (ultralytics export)": ul_path.stat().st_size, "merged-LoRA": lora.size_bytes,
@@ -253,9 +245,6 @@ def main(argv=None) -> int:
            f"{med_cpu[f'onnxruntime {default_int8}'] / med_cpu[ref_name]:.2f}x (target <= 0.7x)"] if q_default else []),
         *([f"- int8 (stem conv int8 too: the default before) / fp32: {med[f'onnxruntime {before}'] / ref:.2f}x / "
            f"{med_cpu[f'onnxruntime {before}'] / med_cpu[ref_name]:.2f}x"] if before in reports else []),
-        *([f"- DFL softmax on the bins' axis: fp32 {med[dfl_f] / ref:.2f}x / {med_cpu[dfl_f] / med_cpu[ref_name]:.2f}x "
-           f"the export's fp32; its int8 (default settings) / its fp32: {med[dfl_q] / med[dfl_f]:.2f}x / "
-           f"{med_cpu[dfl_q] / med_cpu[dfl_f]:.2f}x"] if dfl_f in med and dfl_q in med else []),
         f"- merged-LoRA / base export: {med['onnxruntime merged-LoRA (static batch 1)'] / ref:.2f}x / "
         f"{med_cpu['onnxruntime merged-LoRA (static batch 1)'] / med_cpu[ref_name]:.2f}x; operators equal: "
         f"{lora.op_counts == base.op_counts} ({lora.num_nodes} vs {base.num_nodes} nodes)",

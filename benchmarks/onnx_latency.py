@@ -2,7 +2,6 @@
 imports): copy it with the files to a target machine and run it there.
 
     python benchmarks/onnx_latency.py fp32.onnx int8.onnx --rounds 300 --threads 1
-    taskset -c 3 python onnx_latency.py fp32.onnx int8.onnx --dfl-rewrite     # + the DFL-softmax rewrite of fp32.onnx
 
 The first file is the reference. Every file runs once per round, in a new random order each round, after 5
 warm-up calls; medians of wall time and of the calling thread's CPU time, load average before and after.
@@ -15,33 +14,8 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-
-def dfl_softmax_on_bins_axis(src: str | Path, dst: str | Path) -> Path:
-    """A copy of an exported detector whose DFL softmax runs over the bins' own axis, before the transpose.
-
-    The export has Reshape (1, 4, 16, A) -> Transpose(0, 2, 1, 3) -> Softmax(axis=1) -> Conv; onnxruntime runs a
-    softmax over a non-last axis slowly. Softmax(axis=2) -> Transpose is the same function.
-    """
-    import onnx
-
-    proto = onnx.load(str(src))
-    nodes = list(proto.graph.node)
-    transpose = next(n for n in nodes if n.op_type == "Transpose" and n.name.endswith("/dfl/Transpose"))
-    softmax = next(n for n in nodes if n.op_type == "Softmax" and n.name.endswith("/dfl/Softmax"))
-    reshaped, out = transpose.input[0], softmax.output[0]
-    softmax.input[0], softmax.output[0] = reshaped, transpose.output[0]
-    softmax.attribute[0].i = 2
-    transpose.input[0], transpose.output[0] = softmax.output[0], out
-    i, j = nodes.index(transpose), nodes.index(softmax)
-    nodes[i], nodes[j] = softmax, transpose
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    onnx.save(proto, str(dst))
-    return Path(dst)
 
 
 def main(argv=None) -> int:
@@ -50,7 +24,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--imgsz", type=int, default=None, help="input size for files without a static one")
-    parser.add_argument("--dfl-rewrite", action="store_true", help="also time the DFL-softmax rewrite of the first file")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -59,10 +32,6 @@ def main(argv=None) -> int:
     files: dict[str, Path] = {}
     for f in args.files:  # labelled as given; a file named twice is timed twice (a noise check)
         files[f if f not in files else f"{f} (again)"] = Path(f)
-    if args.dfl_rewrite:
-        first = Path(args.files[0])
-        files[f"{args.files[0]}, DFL softmax on the bins' axis"] = dfl_softmax_on_bins_axis(
-            first, Path(tempfile.mkdtemp()) / f"{first.stem}.dfl.onnx")
     sessions = {}
     for name, path in files.items():
         options = ort.SessionOptions()
