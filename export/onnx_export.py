@@ -69,9 +69,10 @@ class BinsAxisDFL(nn.Module):
     6 % of a 128 px frame slower (docs/benchmarks/export.md); only the exported graph uses this.
     """
 
-    def __init__(self, dfl: nn.Module):
+    def __init__(self, dfl: DFL):
         super().__init__()
-        self.conv, self.c1 = dfl.conv, dfl.c1
+        self.conv: nn.Conv2d = dfl.conv
+        self.c1: int = dfl.c1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, a = x.shape

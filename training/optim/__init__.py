@@ -49,7 +49,7 @@ def list_optimizers() -> list[str]:
 
 
 def _check_kwargs(cls: type, name: str, kw: dict[str, Any]) -> None:
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    accepted = set(inspect.signature(cls).parameters) - {"params"}
     unknown = sorted(set(kw) - accepted)
     if unknown:
         raise ConfigError(
@@ -86,11 +86,11 @@ def build_optimizer(
     cls, fixed = _REGISTRY[key]
     _check_kwargs(cls, name, {**kw, **fixed})
     settings = {"lr": lr, "weight_decay": weight_decay, **kw, **fixed}
-    params = list(params)
-    if not params:
+    param_list: list[Any] = list(params)
+    if not param_list:
         raise ConfigError(f"optimizer {name!r} got an empty parameter list; pass the model's trainable parameters")
     if not in_backward:
-        return cls(params, **settings)
+        return cls(param_list, **settings)
 
     counter = iter(range(1 << 62))
 
@@ -100,5 +100,5 @@ def build_optimizer(
             opt.param_index_offset = next(counter)
         return opt
 
-    return optimizer_in_backward(model, make, params=params, accumulate=accumulate, clip_grad_norm=clip_grad_norm)
+    return optimizer_in_backward(model, make, params=param_list, accumulate=accumulate, clip_grad_norm=clip_grad_norm)
 

@@ -9,6 +9,7 @@ cannot be combined with gradient accumulation or global-norm clipping —
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Iterator
 
@@ -68,13 +69,14 @@ class InBackwardOptimizer(Optimizer):
         self._handles = handles
         self.defaults = {}
         self.param_groups = [g for opt in optimizers.values() for g in opt.param_groups]
-        self.state = _ChainedState(optimizers.values())
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
+        # a read-only view where torch declares a defaultdict: nothing writes an in-backward optimizer's state
+        self.state = _ChainedState(optimizers.values())  # type: ignore[assignment]
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
 
     def step(self, closure: Callable[[], float] | None = None):
         """Nothing to do: every parameter was stepped in its hook. Runs ``closure`` if given."""

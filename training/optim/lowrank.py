@@ -108,7 +108,9 @@ class PackedMoments:
             ma, va = s["exp_avg_absmax"], s["exp_avg_sq_absmax"]
             g = self._rows(grads[i])
             m_float = self._rows(self._m_in_place[i]) if i in self._m_in_place else None
-            target = self._rows(direct[i] if direct[i] is not None else updates[i])
+            dest = direct[i] if direct[i] is not None else updates[i]
+            assert dest is not None  # an update buffer exists for every tensor not written in place
+            target = self._rows(dest)
             bc2 = math.sqrt(1 - beta2 ** steps[i])
             for r in range(0, mc.shape[0], rows):
                 c = slice(r, r + rows)
@@ -121,10 +123,11 @@ class PackedMoments:
                 else:
                     torch.div(m, denom, out=target[c]).mul_(step_sizes[i])
         if self.packed:
-            self._adam_packed(
-                *([x[i] for i in self.packed] for x in (grads, steps, step_sizes, direct, updates)),
-                decay, beta1, beta2, eps,
-            )  # fmt: skip
+            def mine(values: list) -> list:
+                return [values[i] for i in self.packed]
+
+            self._adam_packed(mine(grads), mine(steps), mine(step_sizes), mine(direct), mine(updates),
+                              decay, beta1, beta2, eps)
         return updates
 
     @staticmethod
@@ -184,8 +187,8 @@ def _layout(
         root = math.sqrt(rank_ratio_cnn)
         # A mode's rank can exceed neither its size nor the size of its unfolding's other side
         # (e.g. an 8x256x3x3 LoRA-A kernel: the input mode unfolds to 256 x 72).
-        r = [min(d, numel // d, rank if rank is not None else max(1, math.ceil(d / root))) for d in shape[:2]]
-        return "tucker", (r[0], r[1])
+        ranks = [min(d, numel // d, rank if rank is not None else max(1, math.ceil(d / root))) for d in shape[:2]]
+        return "tucker", (ranks[0], ranks[1])
     rows, cols = shape[0], numel // shape[0]
     transposed = rows < cols
     if transposed:
@@ -226,9 +229,9 @@ class ProjectedAdamW(Optimizer):
         seed: int = 0,
         transfer_moments: bool = False,
     ):
-        params = list(params)
+        param_list: list[Any] = list(params)
         _check(
-            len(params) > 0,
+            len(param_list) > 0,
             f"{type(self).__name__} got an empty parameter list; pass the model's trainable parameters",
         )
         defaults = dict(
@@ -239,7 +242,7 @@ class ProjectedAdamW(Optimizer):
             transfer_moments=bool(transfer_moments),
         )  # fmt: skip
         self._validate(defaults)
-        super().__init__(params, defaults)
+        super().__init__(param_list, defaults)
         #: added to each parameter's index in the randomised-SVD seed (optimizer-in-backward sets it,
         #: so that one optimizer per parameter draws what one optimizer for all would)
         self.param_index_offset = 0
@@ -295,8 +298,9 @@ class ProjectedAdamW(Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         kind, info = self.layout(p, group)
         state["step"] = torch.tensor(0.0)
+        shape: tuple[int, ...]
         if kind == "adam":
-            shape = p.shape
+            shape = tuple(p.shape)
         elif kind == "matrix":
             rows, cols, r, _ = info
             shape = (rows, r)
@@ -450,8 +454,9 @@ class ProjectedAdamW(Optimizer):
             denom = torch._foreach_sqrt(vs)
             torch._foreach_div_(denom, [math.sqrt(1 - beta2**s) for s in steps])
             torch._foreach_add_(denom, eps)
-            updates = torch._foreach_div(ms, denom)
-            torch._foreach_mul_(updates, step_sizes)
+            float_updates = torch._foreach_div(ms, denom)
+            torch._foreach_mul_(float_updates, step_sizes)
+            updates = list(float_updates)
         self._apply(params, updates, states, kinds, decay)
 
     # ---------------------------------------------------------------- load/save

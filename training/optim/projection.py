@@ -147,7 +147,7 @@ def tucker_factors(
 
 
 def _clip(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
-    norm = torch.sqrt(sum((t * t).sum() for t in grads))
+    norm = torch.stack([(t * t).sum() for t in grads]).sum().sqrt()
     factor = max_norm / norm.clamp_min(max_norm)  # 1 when the norm is already small enough
     return [t * factor for t in grads]
 

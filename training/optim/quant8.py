@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Sequence
 
 import torch
 
@@ -157,11 +158,14 @@ class BlockLayout:
             out.append((slice(row0, row0 + filled // bs), pieces))
         return out
 
-    def piece_views(self, tensors: list[torch.Tensor], pieces: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
-        """Flat ``tensors[t][start:stop]`` of each piece (views of contiguous tensors, copies of others)."""
+    def piece_views(self, tensors: Sequence[torch.Tensor | None], pieces: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
+        """Flat ``tensors[t][start:stop]`` of each piece (views of contiguous tensors, copies of others);
+        ``tensors`` may hold None for tensors no piece refers to."""
         out = []
         for t, start, stop, _ in pieces:
-            flat = tensors[t].reshape(-1)
+            tensor = tensors[t]
+            assert tensor is not None, f"piece of tensor {t}, which is None"
+            flat = tensor.reshape(-1)
             out.append(flat if stop - start == self.numels[t] else flat[start:stop])
         return out
 
