@@ -1,4 +1,4 @@
-"""One image decoder: a file gives the same RGB pixels to the runtime, HTTP and (after the data helper) datasets."""
+"""One image decoder: a file gives the same RGB pixels to datasets, the runtime and HTTP."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from export.runtime import load_image
 from models.errors import DataError
 from models.images import read_rgb
 from service.core.images import decode_image
+from training.data.dataset import load_image as load_dataset_image
 
 
 def _png(img: Image.Image) -> bytes:
@@ -29,7 +30,7 @@ def _png(img: Image.Image) -> bytes:
     ],
     ids=["16-bit gray", "RGBA", "palette"],
 )
-def test_runtime_and_http_decode_a_file_to_the_same_pixels(tmp_path, make):
+def test_datasets_runtime_and_http_decode_a_file_to_the_same_pixels(tmp_path, make):
     data = _png(make())
     path = tmp_path / "frame.png"
     path.write_bytes(data)
@@ -38,6 +39,7 @@ def test_runtime_and_http_decode_a_file_to_the_same_pixels(tmp_path, make):
     assert from_file.dtype == np.uint8 and from_file.shape[2] == 3
     np.testing.assert_array_equal(from_file, from_http)
     np.testing.assert_array_equal(read_rgb(path), from_http)
+    np.testing.assert_array_equal(load_dataset_image(path), from_http)  # what training sees
     np.testing.assert_array_equal(load_image(Image.open(io.BytesIO(data))), from_http)  # a PIL image passed in
 
 

@@ -66,11 +66,10 @@ class DetectionAugment:
 
     def __call__(self, image: Image.Image | torch.Tensor, boxes_xyxy: torch.Tensor,
                  classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if isinstance(image, torch.Tensor):
-            image = F.to_pil_image(image)
+        pil = F.to_pil_image(image) if isinstance(image, torch.Tensor) else image
         sample = {
-            "image": image,
-            "boxes": tv_tensors.BoundingBoxes(boxes_xyxy, format="XYXY", canvas_size=(image.height, image.width)),
+            "image": pil,
+            "boxes": tv_tensors.BoundingBoxes(boxes_xyxy, format="XYXY", canvas_size=(pil.height, pil.width)),
             "labels": classes,
         }
         with single_thread():

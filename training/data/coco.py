@@ -16,7 +16,8 @@ import numpy as np
 
 from models.errors import DataError
 from models.io import atomic_write_json
-from training.data.dataset import DataProblem, DetectionDataset, Record, check_image, pil_open
+from models.images import pil_open
+from training.data.dataset import DataProblem, DetectionDataset, Record, check_image
 
 
 def _find_image(name: str, roots: list[Path]) -> Path:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from models.images import pil_open
+from models.images import read_rgb
 from models.errors import DataError
 from models.processing import LetterboxInfo, letterbox
 from training.data.augment import AugmentConfig, DetectionAugment
@@ -55,9 +55,7 @@ class Record:
 def load_image(path: Path) -> np.ndarray:
     """The image as HxWx3 uint8 RGB; a missing, unreadable or truncated file raises :class:`DataError`."""
     try:
-        with pil_open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
+        return read_rgb(path)
     except FileNotFoundError:
         raise DataError(f"{path}: image file is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -83,10 +81,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.imgsz = int(imgsz)
         self.problems = list(problems or [])
         self.source = source
+        self.augment: DetectionAugment | None = None
         if augment:
             self.augment = DetectionAugment(augment if isinstance(augment, AugmentConfig) else None)
-        else:
-            self.augment = None
         if not self.records:
             detail = f" ({len(self.problems)} skipped: {self.problems[0]})" if self.problems else ""
             raise DataError(f"dataset {source} has no usable images{detail}; check the split paths and the files")
