@@ -306,6 +306,23 @@ def test_a_runtime_error_reaches_every_frame_of_the_batch_as_a_409():
                                     for e in errors)
 
 
+def test_a_model_whose_output_ignores_the_batch_axis_is_an_error_not_a_crash():
+    class OneRow(RecordingRuntime):
+        def raw(self, batch):
+            return super().raw(batch)[:1]  # a broken file: one row whatever the batch
+
+    async def main():
+        pool = _pool(OneRow(), max_batch=8, wait_s=1.0)
+        batcher = pool._loaded["m"].batcher
+        tickets = [Arrival(pool, "m") for _ in range(2)]
+        return await asyncio.gather(*(batcher.detect(_gray_job(i), t) for i, t in enumerate(tickets)),
+                                    return_exceptions=True)
+
+    errors = asyncio.run(main())
+    assert len(errors) == 2 and all(getattr(e, "http_status", None) == 409 and "1 rows for a batch of 2" in str(e)
+                                    for e in errors)
+
+
 # ------------------------------------------------------------------ over HTTP
 def _boxes(dets) -> np.ndarray:
     return np.asarray([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in dets], dtype=np.float64).reshape(-1, 4)

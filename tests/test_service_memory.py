@@ -49,10 +49,13 @@ def write_constant_detector(path: Path, imgsz: int = IMGSZ) -> None:
     y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 4 + len(NAMES), anchors])
     const = numpy_helper.from_array(np.zeros((1, 4 + len(NAMES), anchors), np.float32), "const")
     zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
-    nodes = [helper.make_node("ReduceMean", ["images"], ["m"], keepdims=0),
-             helper.make_node("Mul", ["m", "zero"], ["z"]),
+    axes = numpy_helper.from_array(np.array([1, 2], np.int64), "axes")
+    # one row per frame of the batch (the service batches concurrent frames): (B,) -> (B, 1, 1) + const
+    nodes = [helper.make_node("ReduceMean", ["images"], ["m"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Unsqueeze", ["m", "axes"], ["m3"]),
+             helper.make_node("Mul", ["m3", "zero"], ["z"]),
              helper.make_node("Add", ["const", "z"], ["output0"])]
-    graph = helper.make_graph(nodes, "constant", [x], [y], initializer=[const, zero])
+    graph = helper.make_graph(nodes, "constant", [x], [y], initializer=[const, zero, axes])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     meta = build_metadata(names=NAMES, stride=[8, 16, 32], imgsz=(imgsz, imgsz), anchors=anchors, source="test",
                           source_sha256="0" * 64, opset=17)
