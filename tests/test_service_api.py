@@ -293,6 +293,8 @@ def test_submit_list_get_logs_cancel_resume(client, home, data_root):
     assert client.get("/v1/jobs?state=queued", headers=AUTH).json()["jobs"][0]["id"] == job["id"]
     assert client.get("/v1/jobs?state=running", headers=AUTH).json()["jobs"] == []
     _assert_error(client.get("/v1/jobs?state=bogus", headers=AUTH), 422, "queued")
+    assert client.get(f"/v1/jobs?offset={2**63 - 1}", headers=AUTH).json()["jobs"] == []
+    assert client.get(f"/v1/jobs?offset={2**63}", headers=AUTH).status_code == 422  # was a 500 (SQLite overflow)
     assert client.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()["id"] == job["id"]
     assert client.get(f"/v1/jobs/{job['id']}/logs", headers=AUTH).json() == {"id": job["id"], "lines": [], "total_lines": 0}
     _assert_error(client.get("/v1/jobs/job-none", headers=AUTH), 404, "job-none")

@@ -27,6 +27,8 @@ from models.errors import NotFoundError
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 #: states a job never leaves by itself (``failed`` can still be resumed on request).
 FINAL_STATES = ("succeeded", "failed", "cancelled")
+#: the largest row offset SQLite takes (a signed 64-bit INTEGER)
+MAX_OFFSET = 2**63 - 1
 #: states that hold a place in the queue (and their uploaded dataset on disk).
 ACTIVE_STATES = ("queued", "running", "interrupted")
 

@@ -13,7 +13,7 @@ from service.api.schemas.jobs import JOB_EXAMPLE, JobCreate, JobList, JobLogs, J
 from service.core.config import Settings
 from service.core.errors import ConflictError, UnsupportedMediaError
 from service.jobs.spec import job_log_path
-from service.jobs.store import FINAL_STATES, STATES, Job, JobStore
+from service.jobs.store import FINAL_STATES, MAX_OFFSET, STATES, Job, JobStore
 from service.jobs.submit import submit_job
 from service.registry import ModelRegistry
 
@@ -105,7 +105,7 @@ async def create_job(
 async def list_jobs(
     state: str | None = Query(None, description=f"only jobs in this state: {', '.join(STATES)}"),
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     store: JobStore = Depends(get_store),
 ) -> JobList:
     if state is not None and state not in STATES:
