@@ -13,6 +13,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from models.images import read_rgb
+
 
 class CameraWarp:
     """Wide-angle barrel distortion of strength ``k`` plus a roll of ``tilt_deg``, for a square ``size`` frame.
@@ -140,4 +142,4 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"))
+    return read_rgb(buf)
