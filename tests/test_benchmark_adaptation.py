@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,13 +12,7 @@ ROWS = "lora-coap-ckpt,adapters,full-adamw,full-adamw-replay"
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptation.py"
-    spec = importlib.util.spec_from_file_location("adaptation_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return importlib.import_module("benchmarks.adaptation")
 
 
 def test_pareto_front_keeps_only_points_nobody_beats(bench):

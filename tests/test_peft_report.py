@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 
 
 def _load_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "peft_report.py"
-    spec = importlib.util.spec_from_file_location("peft_report", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.peft_report")
 
 
 def _rows(text: str, titles: set[str]) -> dict[str, list[float]]:

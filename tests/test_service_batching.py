@@ -289,38 +289,28 @@ def test_a_cancelled_request_leaves_the_queue_or_waits_for_its_running_frame():
     assert runtime.sizes == [1]
 
 
-def test_a_runtime_error_reaches_every_frame_of_the_batch_as_a_409():
-    class Broken(RecordingRuntime):
-        def raw(self, batch):
-            raise RuntimeError("kernel exploded")
+class _Exploding(RecordingRuntime):
+    def raw(self, batch):
+        raise RuntimeError("kernel exploded")
 
+
+class _OneRow(RecordingRuntime):
+    def raw(self, batch):
+        return super().raw(batch)[:1]  # a broken file: one row whatever the batch
+
+
+@pytest.mark.parametrize("runtime, message", [(_Exploding, "kernel exploded"), (_OneRow, "1 rows for a batch of 2")],
+                         ids=["runtime error", "output ignores the batch axis"])
+def test_a_failing_batch_reaches_every_frame_as_a_409_not_a_500(runtime, message):
     async def main():
-        pool = _pool(Broken(), max_batch=8, wait_s=1.0)
+        pool = _pool(runtime(), max_batch=8, wait_s=1.0)
         batcher = pool._loaded["m"].batcher
         tickets = [Arrival(pool, "m") for _ in range(2)]
         return await asyncio.gather(*(batcher.detect(_gray_job(i), t) for i, t in enumerate(tickets)),
                                     return_exceptions=True)
 
     errors = asyncio.run(main())
-    assert len(errors) == 2 and all(getattr(e, "http_status", None) == 409 and "kernel exploded" in str(e)
-                                    for e in errors)
-
-
-def test_a_model_whose_output_ignores_the_batch_axis_is_an_error_not_a_crash():
-    class OneRow(RecordingRuntime):
-        def raw(self, batch):
-            return super().raw(batch)[:1]  # a broken file: one row whatever the batch
-
-    async def main():
-        pool = _pool(OneRow(), max_batch=8, wait_s=1.0)
-        batcher = pool._loaded["m"].batcher
-        tickets = [Arrival(pool, "m") for _ in range(2)]
-        return await asyncio.gather(*(batcher.detect(_gray_job(i), t) for i, t in enumerate(tickets)),
-                                    return_exceptions=True)
-
-    errors = asyncio.run(main())
-    assert len(errors) == 2 and all(getattr(e, "http_status", None) == 409 and "1 rows for a batch of 2" in str(e)
-                                    for e in errors)
+    assert len(errors) == 2 and all(getattr(e, "http_status", None) == 409 and message in str(e) for e in errors)
 
 
 # ------------------------------------------------------------------ over HTTP
