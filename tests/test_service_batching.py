@@ -7,6 +7,7 @@ results equal single-frame ones is tested on a real (tiny) exported model.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -402,7 +403,8 @@ def test_service_exports_have_a_dynamic_batch_axis(tmp_path, monkeypatch):
         Path(out).write_bytes(b"onnx")
         return ExportResult(path=str(out), size_bytes=4, sha256="0", source="s", source_sha256="0", imgsz=(64, 64),
                             opset=17, precision="fp32", dynamic_batch=kw.get("dynamic_batch", False), num_nodes=1,
-                            op_counts={}, merged_adapters=False, export_seconds=0.1, verification=None)
+                            op_counts={}, merged_adapters=False, export_seconds=0.1, verification=None,
+                            metadata={"names": json.dumps(["cup"])})
 
     monkeypatch.setattr(export, "export_onnx", fake_export_onnx)
     (tmp_path / "src").mkdir()

@@ -63,11 +63,11 @@ def test_exporter_reads_export_and_quantize_reports(tmp_path, monkeypatch):
         Path(out).write_bytes(b"onnx")
         return ExportResult(path=str(out), size_bytes=4, sha256="0", source="s", source_sha256="0", imgsz=(64, 64),
                             opset=17, precision="fp32", dynamic_batch=True, num_nodes=1, op_counts={},
-                            merged_adapters=False, export_seconds=0.1, verification=report)
+                            merged_adapters=False, export_seconds=0.1, verification=report,
+                            metadata={"names": json.dumps(["cup"]), "imgsz": json.dumps([64, 64])})
 
     monkeypatch.setattr(export, "export_onnx", fake_export_onnx)
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "config.json").write_text(json.dumps({"names": ["cup"], "imgsz": 64}))
+    (tmp_path / "src").mkdir()  # classes and input size come from the file's metadata, not the source folder
     info = exporting.export_for_registry(tmp_path / "src", tmp_path / "out" / "m.onnx", verify=True)
     assert info["verification"]["passed"] is True and info["verification"]["matched"] == 3
     assert info["verification"]["match_rate"] == 1.0 and info["export"]["opset"] == 17

@@ -128,9 +128,9 @@ def run_frames(detector: Any, jobs: list[FrameJob], model_id: str = "?") -> list
             pred, error = None, ModelLoadError(
                 f"model {model_id!r} failed on this image ({type(exc).__name__}: {exc}); "
                 "check the model with GET /v1/models/{id} or re-export it")
-        if pred is not None and pred.shape[0] != len(ready):  # a file whose output ignores its batch axis
+        if pred is not None and (rows := pred.shape[0]) != len(ready):  # a file whose output ignores its batch axis
             pred, error = None, ModelLoadError(
-                f"model {model_id!r} answered {pred.shape[0]} rows for a batch of {len(ready)} frames; its output "
+                f"model {model_id!r} answered {rows} rows for a batch of {len(ready)} frames; its output "
                 "does not follow its dynamic batch axis - re-export it, or set GLASSES_VISION_DETECT_BATCH_SIZE=1")
         share = (time.perf_counter() - start) / len(ready)
         names = detector.names

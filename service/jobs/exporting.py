@@ -17,15 +17,6 @@ from pathlib import Path
 from typing import Any
 
 
-def read_model_config(source: str | Path) -> dict[str, Any]:
-    """``config.json`` of a model dir, or of a run dir's ``merged/``."""
-    source = Path(source)
-    for candidate in (source / "config.json", source / "merged" / "config.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    return {}
-
-
 def export_for_registry(
     source: str | Path,
     out: str | Path,
@@ -59,9 +50,9 @@ def export_for_registry(
         q_out.replace(out)
         info["export"]["int8"] = True
         info["quantization"] = _plain(report.to_dict())
-    config = read_model_config(source)
-    info["classes"] = config.get("names")
-    info["imgsz"] = imgsz or config.get("imgsz")
+    # what the file itself says (its metadata is what the runtime and the registry read back)
+    info["classes"] = json.loads(result.metadata["names"])
+    info["imgsz"] = result.imgsz[0]  # jobs export square inputs (one imgsz)
     return info
 
 
