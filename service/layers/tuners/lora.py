@@ -4,7 +4,9 @@ For a ``Conv2d(k x k, c_in -> c_out)`` the adapter is ``A = Conv2d(k x k, c_in -
 with the base conv's stride / padding / dilation and ``B = Conv2d(1 x 1, r -> c_out)``;
 ``B`` starts at zero so a fresh adapter changes nothing. The output is
 ``base(x) + s * B(A(dropout(x)))`` with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``),
-and merging adds ``s * (B (x) A)``, a k x k kernel, to the base weight. Grouped
+and merging adds ``s * (B (x) A)``, a k x k kernel, to the base weight. While training
+without dropout, the forward runs base conv and adapters as one conv with the kernel
+``W + s * (B (x) A)`` (:meth:`LoRALayer.composed_forward`; fewer ops per step). Grouped
 (e.g. depthwise) convs are skipped when selected by part / type / pattern and
 refused when named exactly.
 
@@ -377,6 +379,8 @@ class LoRALayer(BaseTunerLayer):
             same = [a for a in varied if type(self.lora_variant[a]) is kind]
             if kind.max_active is not None and len(same) > kind.max_active:
                 raise ConfigError(f"only {kind.max_active} {kind.__name__} adapter(s) can be active at a time, got {same}")
+        if not varied and self.can_compose(active):
+            return self.composed_forward(x, active)
         result = self.base_forward(x)
         for name in varied:  # variants first, as merge does
             result = self.lora_variant[name].forward(self, name, x, result)
@@ -384,6 +388,31 @@ class LoRALayer(BaseTunerLayer):
             if name not in self.lora_variant:
                 result = result + self.lora_output(name, x).to(result.dtype)
         return result
+
+    def can_compose(self, names: Sequence[str]) -> bool:
+        """Whether the forward of plain-LoRA adapters ``names`` runs as :meth:`composed_forward`: a conv
+        training (train mode, autograd on) with no dropout on the adapter input.
+
+        Eval and no-grad forwards keep the adapter convs: same result to float rounding, but a model's
+        eval outputs can amplify rounding (BatchNorm channels of tiny variance), and there they should
+        match HF PEFT's, which runs the adapter convs; inference merges the adapters anyway.
+        """
+        return (self.is_conv and self.training and torch.is_grad_enabled()
+                and not any(isinstance(self.lora_dropout[n], nn.Dropout) for n in names))
+
+    def composed_forward(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """``conv(x, W + sum s * (B (x) A)) + b``: the base conv and plain-LoRA adapters ``names`` as one conv.
+
+        The same as ``base(x) + sum s * B(A(x))`` (a conv is linear in its weight; ``A`` has the base
+        conv's stride / padding / dilation and ``B`` is 1 x 1), but one convolution instead of three
+        per adapter, run twice under gradient checkpointing. ``A`` and ``B`` get their gradients
+        through the composed kernel; the frozen base weight gets none.
+        """
+        weight = self.base_weight()
+        delta = self.get_delta_weight(names[0])
+        for name in names[1:]:
+            delta = delta + self.get_delta_weight(name)
+        return self._apply_weight(x, weight + delta.to(weight.dtype), self.base_layer.bias)
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
