@@ -80,6 +80,8 @@ SETUPS: tuple[Setup, ...] = (
     Setup("full-coap8-ckpt", "full FT, COAP-8bit + checkpointing", {"optimizer": "coap8bit", **CKPT, "lr": FULL_LR}),
     Setup("lora-coap-ckpt", "LoRA r=8 + COAP + checkpointing", {**LORA, **COAP, **CKPT, "lr": PEFT_LR},
           main=True),
+    Setup("lora-r16-coap-ckpt", "LoRA r=16 + COAP + checkpointing", {**LORA, "rank": 16, **COAP, **CKPT, "lr": PEFT_LR},
+          main=True),
     Setup("lora-neck-head-coap-ckpt", "LoRA r=8 on neck + head + COAP + checkpointing",
           {**LORA, **COAP, "grad_checkpoint": ["neck", "head"], "peft_settings": {"targets": ["neck", "head"]},
            "lr": PEFT_LR}),
@@ -90,7 +92,6 @@ SETUPS: tuple[Setup, ...] = (
     # tuning rows: the choices behind the defaults above
     Setup("lora-coap-ckpt-lr2e-3", "tuning: LoRA + COAP + ckpt at lr 2e-3", {**LORA, **COAP, **CKPT, "lr": 2e-3}),
     Setup("lora-coap-ckpt-lr1e-2", "tuning: LoRA + COAP + ckpt at lr 1e-2", {**LORA, **COAP, **CKPT, "lr": 1e-2}),
-    Setup("lora-r16-coap-ckpt", "tuning: LoRA r=16 + COAP + ckpt", {**LORA, "rank": 16, **COAP, **CKPT, "lr": PEFT_LR}),
     Setup("lora-r32-coap-ckpt", "tuning: LoRA r=32 + COAP + ckpt", {**LORA, "rank": 32, **COAP, **CKPT, "lr": PEFT_LR}),
     Setup("dora-coap-ckpt", "tuning: DoRA r=8 + COAP + ckpt", {"peft": "dora", "rank": 8, **COAP, **CKPT, "lr": PEFT_LR}),
     Setup("lora-coap-ckpt-mosaic", "tuning: LoRA + COAP + ckpt, mosaic 0.5",
