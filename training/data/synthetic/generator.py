@@ -201,8 +201,9 @@ def render_sample(
 
     for _ in range(int(scene.integers(2, 6))):  # distractors under the objects
         parts = distractor(scene)
+        size, angle = scene.uniform(0.1, 0.35) * S, scene.uniform(0, 360)  # the draw order fixes the frames
         x, y = scene.uniform(0, S, 2)
-        _draw(parts, scene.uniform(0.1, 0.35) * S, scene.uniform(0, 360), x, y, [draw], [black])
+        _draw(parts, size, angle, x, y, [draw], [black])
 
     n_obj = int(scene.integers(1, 6 if domain == "source" else 7))
     objects = []  # (class id, full silhouette pixels)
@@ -222,8 +223,9 @@ def render_sample(
 
     for _ in range(int(scene.integers(0, 3))):  # small distractors over the objects
         parts = distractor(scene)
+        size, angle = scene.uniform(0.08, 0.2) * S, scene.uniform(0, 360)
         x, y = scene.uniform(0, S, 2)
-        _draw(parts, scene.uniform(0.08, 0.2) * S, scene.uniform(0, 360), x, y, [draw, ldraw], [black, 0])
+        _draw(parts, size, angle, x, y, [draw, ldraw], [black, 0])
 
     hr = erng["hands"]
     n_hands = int(hr.random() < 0.55 * min(eff.hands, 1.0)) + int(hr.random() < 0.15 * min(eff.hands, 1.0))
