@@ -1,7 +1,11 @@
 """The fast paths of the optimizer step (issue 14) against plain per-tensor arithmetic.
 
-* 8-bit moments: the packed, chunked update equals dequantise → Adam → quantise
-  tensor by tensor, and does not depend on where the chunks fall;
+* 8-bit moments, torch path (CUDA; CPU with ``FUSED_CPU_STEP`` off): the packed, chunked
+  update equals dequantise → Adam → quantise tensor by tensor, bit for bit, and does not
+  depend on where the chunks fall;
+* 8-bit moments, fused CPU kernel (the CPU default): the same algorithm; its log2 differs
+  from torch's, so a code may land one level over at a rounding boundary (counted, bounded)
+  and parameters agree to float tolerance;
 * projected weights: back-projection, weight decay and the add in one GEMM equal
   the unfused update; weights that cannot take it (channels-last) agree.
 """
@@ -22,6 +26,12 @@ from training.optim import projection as proj
 from training.optim.quant8 import dequantize_blockwise, quantize_blockwise
 
 PROJECTED = dict(min_numel=0, update_interval=2, reproject_factor=2)
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run 8-bit steps on the torch path (PackedMoments) on the CPU, as on CUDA."""
+    monkeypatch.setattr(lowrank, "FUSED_CPU_STEP", False)
 
 
 def _reference_adamw8bit(model, steps, lr=1e-2, wd=1e-2, betas=(0.9, 0.999), eps=1e-8, bs=256):
@@ -50,7 +60,7 @@ def _reference_adamw8bit(model, steps, lr=1e-2, wd=1e-2, betas=(0.9, 0.999), eps
     [(256, 256, 1 << 14), (1 << 16, 256, 1 << 14), (256, 16, 16), (1 << 16, 16, 16)],
     ids=["one-block-chunks", "64Ki-chunks", "in-place-multi-chunk", "in-place-one-chunk"],
 )
-def test_packed_8bit_step_equals_the_per_tensor_algorithm(monkeypatch, chunk, block_size, in_place):
+def test_packed_8bit_step_equals_the_per_tensor_algorithm(monkeypatch, torch_path, chunk, block_size, in_place):
     """Chunks of one block (every tensor split across chunks) and of many tensors give the reference's bits.
 
     With 16-value blocks the conv and linear weights (432 and 560 values) are updated in their own
@@ -70,7 +80,7 @@ def test_packed_8bit_step_equals_the_per_tensor_algorithm(monkeypatch, chunk, bl
         assert torch.equal(state[p]["v"][1], opt.state[q]["exp_avg_sq_absmax"])
 
 
-def test_coap8bit_does_not_depend_on_the_chunking(monkeypatch):
+def test_coap8bit_does_not_depend_on_the_chunking(monkeypatch, torch_path):
     """Across correlation updates and re-projections (which decode the first moment in full and move it)."""
     torch.manual_seed(0)
     a = TinyNet()
@@ -86,7 +96,7 @@ def test_coap8bit_does_not_depend_on_the_chunking(monkeypatch):
             assert torch.equal(value, opt_b.state[q][key]) if torch.is_tensor(value) else value == opt_b.state[q][key]
 
 
-def test_coap8bit_in_place_moments_equal_packed_ones(monkeypatch):
+def test_coap8bit_in_place_moments_equal_packed_ones(monkeypatch, torch_path):
     """Moments updated in their own tensors (4-value blocks: every projected moment is block-aligned) equal packed ones,
     across the projection moves that decode and transfer the first moment."""
     torch.manual_seed(0)
@@ -105,8 +115,10 @@ def test_coap8bit_in_place_moments_equal_packed_ones(monkeypatch):
             assert torch.equal(value, opt_b.state[q][key]) if torch.is_tensor(value) else value == opt_b.state[q][key]
 
 
-def test_8bit_bf16_and_non_contiguous_parameters_take_the_returned_update():
-    """Parameters the packed update cannot write in place still get the same update."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+def test_8bit_bf16_and_non_contiguous_parameters_take_the_returned_update(monkeypatch, fused):
+    """Parameters the 8-bit update cannot write in place still get the same update."""
+    monkeypatch.setattr(lowrank, "FUSED_CPU_STEP", fused)
     torch.manual_seed(0)
     base = nn.Linear(40, 30)
     ref, odd = clone_model(base), clone_model(base)

@@ -28,7 +28,14 @@ from torch.optim import Optimizer
 
 from models.errors import ConfigError
 from training.optim import projection as proj
-from training.optim.quant8 import DEFAULT_BLOCK_SIZE, block_layout, decode_blocks, encode_blocks, quantize_many
+from training.optim.quant8 import (
+    DEFAULT_BLOCK_SIZE,
+    block_layout,
+    decode_blocks,
+    dequantize_blockwise,
+    encode_blocks,
+    quantize_many,
+)
 
 #: Tensors with at most this many elements take plain AdamW (DESIGN.md: 32·32·3·3).
 TINY_NUMEL = 32 * 32 * 3 * 3
@@ -39,6 +46,9 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+#: 8-bit moments of CPU tensors are updated by the fused kernel of :mod:`training.optim.fused8bit`
+#: (one pass per block); False runs the torch path (:class:`PackedMoments`, as on CUDA) instead
+FUSED_CPU_STEP = True
 #: values per chunk of the 8-bit step: its temporaries stay in the CPU cache (measured in docs/benchmarks/optimizers.md)
 CHUNK_NUMEL = 1 << 16
 #: a block-aligned tensor of at least this many values is updated in its own state tensors, chunk by chunk,
@@ -46,8 +56,46 @@ CHUNK_NUMEL = 1 << 16
 IN_PLACE_NUMEL = 1 << 14
 
 
+class FusedMoments:
+    """The 8-bit moments of a group's CPU tensors for one step, updated tensor by tensor by the fused kernel.
+
+    Each block of each tensor is decoded, updated, re-encoded and its parameter (or
+    update) written in one pass (:func:`training.optim.fused8bit.adam_8bit_`). The float
+    first moment is decoded in full only when a projection moves (:meth:`first_moment`).
+    """
+
+    def __init__(self, states: list[dict[str, Any]], block_size: int):
+        self.states = states
+        self.block_size = block_size
+        for s in states:  # the kernel writes the codes through flat views (a loaded state may be strided)
+            for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+                s[key] = s[key].contiguous()
+        self._m: dict[int, torch.Tensor] = {}  # decoded first moments, once asked for
+
+    def first_moment(self, i: int) -> torch.Tensor:
+        """Tensor ``i``'s float32 first moment; writes to it (a moment transfer) go into this step's update."""
+        if i not in self._m:
+            s = self.states[i]
+            self._m[i] = dequantize_blockwise(s["exp_avg"], s["exp_avg_absmax"], self.block_size)
+        return self._m[i]
+
+    def adam(self, grads, steps, step_sizes, direct, decay, beta1, beta2, eps) -> list[torch.Tensor | None]:
+        """As :meth:`PackedMoments.adam`: moments updated, ``direct`` parameters updated, the other updates returned."""
+        from training.optim.fused8bit import adam_8bit_  # numba compiles (or loads from its cache) on first use
+
+        updates: list[torch.Tensor | None] = []
+        for i, (s, g) in enumerate(zip(self.states, grads)):
+            p = direct[i]
+            target = p.detach() if p is not None else torch.empty(g.shape, dtype=torch.float32)
+            adam_8bit_(s, g, target, self._m.get(i), self.block_size, beta1, beta2, eps, steps[i], step_sizes[i],
+                       decay, apply_to_target=p is not None)  # fmt: skip
+            updates.append(None if p is not None else target)
+        return updates
+
+
 class PackedMoments:
-    """The 8-bit moments of a group's tensors for one step.
+    """The 8-bit moments of a group's tensors for one step, updated with torch ops (CUDA; CPU when
+    ``FUSED_CPU_STEP`` is off).
 
     ``optimizer.state`` keeps one code tensor and one scale tensor per parameter
     and moment. Large tensors whose size is a whole number of blocks are updated
@@ -431,8 +479,11 @@ class ProjectedAdamW(Optimizer):
         torch._foreach_add_(counters, 1.0)
         steps = [int(s) for s in torch.stack(counters).tolist()]
         kinds = [self.layout(p, group) for p in params]
-        packed = PackedMoments(states, group["block_size"]) if group["eight_bit"] else None
-        moment = packed.first_moment if packed is not None else (lambda i: states[i]["exp_avg"])
+        moments8: FusedMoments | PackedMoments | None = None
+        if group["eight_bit"]:
+            on_cpu = FUSED_CPU_STEP and all(p.device.type == "cpu" for p in params)
+            moments8 = (FusedMoments if on_cpu else PackedMoments)(states, group["block_size"])
+        moment = moments8.first_moment if moments8 is not None else (lambda i: states[i]["exp_avg"])
         grads = [
             self._project(p, p.grad.detach().float(), state, group, kind, info, step, functools.partial(moment, i))
             for i, (p, state, (kind, info), step) in enumerate(zip(params, states, kinds, steps))
@@ -440,12 +491,12 @@ class ProjectedAdamW(Optimizer):
         step_sizes = [-lr / (1 - beta1**s) * (1.0 if kind == "adam" else group["scale"]) for s, (kind, _) in zip(steps, kinds)]
         decay = 1 - lr * wd
         # Adam on the (projected) gradients, all tensors of the group at once: update = step_size·m / (√v̂ + eps)
-        if packed is not None:  # plain float32 parameters are updated inside (None in updates)
+        if moments8 is not None:  # plain float32 parameters are updated inside (None in updates)
             direct = [
                 p if kind == "adam" and p.dtype == torch.float32 and p.is_contiguous() else None
                 for p, (kind, _) in zip(params, kinds)
             ]
-            updates = packed.adam(grads, steps, step_sizes, direct, decay, beta1, beta2, eps)
+            updates = moments8.adam(grads, steps, step_sizes, direct, decay, beta1, beta2, eps)
         else:
             ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
             torch._foreach_lerp_(ms, grads, 1 - beta1)
