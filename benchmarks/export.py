@@ -66,6 +66,33 @@ def lora_model(model, rank: int = 8):
     return tuned.eval()
 
 
+def without_silu(src: Path, dst: Path) -> Path:
+    """A copy of an exported file with every SiLU (``x * sigmoid(x)``) replaced by its input: not the model, only
+    for attributing time (what SiLU costs in the fp32 file and in its int8 file)."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    consumers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    dropped, renamed = set(), {}
+    for sigmoid in (n for n in proto.graph.node if n.op_type == "Sigmoid"):
+        x = sigmoid.input[0]
+        muls = [m for m in consumers.get(sigmoid.output[0], []) if m.op_type == "Mul" and x in m.input]
+        if len(muls) == 1:
+            dropped |= {sigmoid.name, muls[0].name}
+            renamed[muls[0].output[0]] = x
+    kept = [n for n in proto.graph.node if n.name not in dropped]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    onnx.save(proto, str(dst))
+    return dst
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=None, help="model / run dir (default: the shipped base, else a fresh yolo11n)")
@@ -125,6 +152,9 @@ def main(argv=None) -> int:
     int8 = {"int8 (default: per-channel, stem conv float, head convs int8, decode float, minmax)": dict()}
     int8["int8 (stem conv int8 too: the default before)"] = dict(keep_stem_float=False)
     int8["int8 (head float)"] = dict(keep_head_float=True)
+    # YOLO11's first layers (few channels at high resolution) gain little from int8: keep them float
+    front = "int8 (float until layer 2's last conv: stem, layer 1, layer 2's cv1 + bottleneck float)"
+    int8[front] = dict(float_until="/model.2/cv2/conv/Conv")
     if args.knobs:
         from onnxruntime.quantization import QuantFormat, QuantType
 
@@ -141,6 +171,8 @@ def main(argv=None) -> int:
             "int8 (percentile calibration)": dict(calibration_method="percentile"),
             f"int8 ({max(1, args.calib // 4)} calibration frames)": dict(max_calibration=max(1, args.calib // 4)),
             f"int8 ({args.calib * 4} calibration frames)": dict(max_calibration=args.calib * 4),
+            "int8 (float until layer 2: stem and layer 1 float)": dict(float_until="/model.2/cv1/conv/Conv"),
+            "int8 (float until layer 3: layers 0-2 float)": dict(float_until="/model.3/conv/Conv"),
         })
     reports = {}
     for i, (label, settings) in enumerate(tqdm(int8.items(), desc="int8 files", disable=args.quiet)):
@@ -156,6 +188,12 @@ def main(argv=None) -> int:
         for r in tqdm(reports.values(), desc="mAP", disable=args.quiet):
             r.base_metrics, r.metrics = base_metrics, evaluate_onnx(r.path, data, threads=args.threads)
 
+    no_silu = {}
+    if args.knobs:  # timing attribution: the same files with every SiLU removed (not the model; no mAP)
+        no_silu["onnxruntime fp32 (ours), every SiLU removed"] = without_silu(base.path, work / "fp32-nosilu.onnx")
+        no_silu["onnxruntime int8 (default), every SiLU removed"] = quantize_onnx(
+            no_silu["onnxruntime fp32 (ours), every SiLU removed"], work / "int8-nosilu.onnx", **common).path
+
     fused = copy.deepcopy(model).fuse(verbose=False).eval()
     x = np.random.default_rng(0).random((1, 3, args.imgsz, args.imgsz), dtype=np.float32)
     xt = torch.from_numpy(x)
@@ -164,6 +202,7 @@ def main(argv=None) -> int:
              "onnxruntime fp32 (ultralytics export)": ul_path,
              "onnxruntime merged-LoRA (static batch 1)": lora.path}
     files.update({f"onnxruntime {label}": r.path for label, r in reports.items()})
+    files.update(no_silu)
     dets = {name: Detector(p, threads=args.threads) for name, p in files.items()}
 
     def session(path, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, config=None, disabled_optimizers=None):
@@ -214,6 +253,8 @@ def main(argv=None) -> int:
     ul = med["onnxruntime fp32 (ultralytics export)"]
     q_default = med.get(f"onnxruntime {default_int8}")
     before = "int8 (stem conv int8 too: the default before)"
+    fp32_no_silu = med.get("onnxruntime fp32 (ours), every SiLU removed", 0.0)
+    int8_no_silu = med.get("onnxruntime int8 (default), every SiLU removed", 0.0)
 
     sizes = {"fp32 (ours, static batch 1)": base.size_bytes, "fp32 (ours, dynamic batch)": dynamic.size_bytes,
              "fp32 (ultralytics export)": ul_path.stat().st_size, "merged-LoRA": lora.size_bytes,
@@ -245,6 +286,9 @@ def main(argv=None) -> int:
            f"{med_cpu[f'onnxruntime {default_int8}'] / med_cpu[ref_name]:.2f}x (target <= 0.7x)"] if q_default else []),
         *([f"- int8 (stem conv int8 too: the default before) / fp32: {med[f'onnxruntime {before}'] / ref:.2f}x / "
            f"{med_cpu[f'onnxruntime {before}'] / med_cpu[ref_name]:.2f}x"] if before in reports else []),
+        *([f"- SiLU's cost (the same files with every SiLU removed, wall medians): fp32 {ref - fp32_no_silu:.2f} ms, "
+           f"int8 (default) {q_default - int8_no_silu:.2f} ms; int8 / fp32 without SiLU: "
+           f"{int8_no_silu / fp32_no_silu:.2f}x"] if no_silu and q_default else []),
         f"- merged-LoRA / base export: {med['onnxruntime merged-LoRA (static batch 1)'] / ref:.2f}x / "
         f"{med_cpu['onnxruntime merged-LoRA (static batch 1)'] / med_cpu[ref_name]:.2f}x; operators equal: "
         f"{lora.op_counts == base.op_counts} ({lora.num_nodes} vs {base.num_nodes} nodes)",

@@ -5,6 +5,9 @@ imports): copy it with the files to a target machine and run it there.
 
 The first file is the reference. Every file runs once per round, in a new random order each round, after 5
 warm-up calls; medians of wall time and of the calling thread's CPU time, load average before and after.
+``--profile N`` adds where the time goes: onnxruntime's profiler over N more runs of each file (a session of its
+own, after the timing), kernel time per run by operator type. The profiler adds a fixed cost to every kernel,
+so read its shares, not its totals, against the timing table.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--imgsz", type=int, default=None, help="input size for files without a static one")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile N runs of each file: kernel time per run by operator type")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -32,12 +37,8 @@ def main(argv=None) -> int:
     files: dict[str, Path] = {}
     for f in args.files:  # labelled as given; a file named twice is timed twice (a noise check)
         files[f if f not in files else f"{f} (again)"] = Path(f)
-    sessions = {}
-    for name, path in files.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-        options.log_severity_level = 3
-        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sessions = {name: ort.InferenceSession(str(path), _options(ort, args.threads), providers=["CPUExecutionProvider"])
+                for name, path in files.items()}
     first_input = next(iter(sessions.values())).get_inputs()[0]
     h, w = (d if isinstance(d, int) and d > 0 else args.imgsz for d in first_input.shape[2:])
     if not h or not w:
@@ -71,7 +72,55 @@ def main(argv=None) -> int:
     print("| --- | ---: | ---: | ---: | ---: |")
     for k in calls:
         print(f"| {k} | {med[k]:.2f} | {med[k] / med[ref]:.2f}x | {med_cpu[k]:.2f} | {med_cpu[k] / med_cpu[ref]:.2f}x |")
+    if args.profile:
+        by_op = {name: kernel_time_by_op(path, x, args.profile, args.threads) for name, path in files.items()}
+        ops = sorted({op for times in by_op.values() for op in times},
+                     key=lambda op: -max(times.get(op, (0, 0.0))[1] for times in by_op.values()))
+        totals = {name: sum(us for _, us in times.values()) for name, times in by_op.items()}
+        print(f"\nonnxruntime profiler, {args.profile} runs of each file: kernel time per run by operator type, "
+              "us (share; kernels per run)\n")
+        print("| operator type | " + " | ".join(by_op) + " |")
+        print("| --- |" + " ---: |" * len(by_op))
+        for op in ops:
+            cells = [f"{times[op][1]:.0f} ({100 * times[op][1] / totals[name]:.0f} %; {times[op][0]})" if op in times
+                     else "" for name, times in by_op.items()]
+            print(f"| {op} | " + " | ".join(cells) + " |")
+        print("| total | " + " | ".join(f"{totals[name]:.0f} ({sum(n for n, _ in by_op[name].values())} kernels)"
+                                      for name in by_op) + " |")
     return 0
+
+
+def _options(ort, threads: int):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
+    return options
+
+
+def kernel_time_by_op(path: Path, x, runs: int, threads: int) -> dict[str, tuple[int, float]]:
+    """onnxruntime's profiler over ``runs`` calls: operator type -> (kernels per run, microseconds per run)."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = _options(ort, threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x}
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    count: dict[str, int] = {}
+    micros: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            count[op] = count.get(op, 0) + 1
+            micros[op] = micros.get(op, 0.0) + event["dur"]
+    return {op: (round(count[op] / runs), micros[op] / runs) for op in count}
 
 
 if __name__ == "__main__":

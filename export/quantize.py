@@ -165,10 +165,31 @@ def stem_nodes(proto) -> list[str]:
     return out
 
 
+def ancestor_nodes(proto, node_name: str) -> list[str]:
+    """Names of every node that ``node_name`` depends on (the producers of its inputs, recursively), in graph order.
+
+    Left in float with ``quantize_onnx(float_until=node_name)``: the front of the network up to that node runs as
+    onnxruntime's float convolutions with fused SiLU, and the tensors entering the node are quantized once.
+    """
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    by_name = {node.name: node for node in proto.graph.node}
+    if node_name not in by_name:
+        raise ConfigError(f"float_until: no node named {node_name!r} in the graph")
+    seen: set[str] = set()
+    todo = [by_name[node_name]]
+    while todo:
+        for name in todo.pop().input:
+            node = producer.get(name)
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                todo.append(node)
+    return [node.name for node in proto.graph.node if node.name in seen]
+
+
 def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_head_float: bool, per_channel: bool,
                  keep_decode_float: bool = True, calibration_method: str = "minmax", activation_type: str = "uint8",
                  op_types: Sequence[str] | None = None, keep_stem_float: bool = True,
-                 ort_options: dict[str, Any] | None = None) -> int:
+                 ort_options: dict[str, Any] | None = None, float_until: str | None = None) -> int:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -178,6 +199,8 @@ def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_he
     exclude = float_nodes(proto, det.metadata.get("head_layer", ""), keep_head_float, keep_decode_float)
     if keep_stem_float:
         exclude += stem_nodes(proto)
+    if float_until:
+        exclude += [name for name in ancestor_nodes(proto, float_until) if name not in exclude]
     overrides = dict(ort_options or {})
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
@@ -217,6 +240,7 @@ def quantize_onnx(
     op_types: Sequence[str] | None = None,
     keep_stem_float: bool = True,
     ort_options: dict[str, Any] | None = None,
+    float_until: str | None = None,
 ) -> QuantizeReport:
     """Write a quantized copy of ``onnx_path`` to ``out`` and report size, latency and (given ``dataset``) mAP change.
 
@@ -234,6 +258,9 @@ def quantize_onnx(
         activation_type: ``uint8`` (default; U8S8 kernels) or ``int8`` (symmetric; slower on x86).
         op_types: quantize only these operator types (default: every type onnxruntime can quantize;
             ``["Conv"]`` leaves SiLU / Concat / Add in float, which is slower: more Q/DQ transitions).
+        float_until: a node name: every node it depends on stays float (the front of the network), the rest is
+            quantized as usual; e.g. ``"/model.2/cv2/conv/Conv"`` for YOLO11's first layers, whose few channels at
+            high resolution gain little from int8 (docs/benchmarks/export.md).
         ort_options: keyword arguments for onnxruntime's ``quantize_static`` that override ours (``quant_format``,
             ``weight_type``, ``reduce_range``, ...; ``extra_options`` entries are merged), for measuring knobs.
     """
@@ -257,7 +284,8 @@ def quantize_onnx(
             n_frames = len(frames)
             try:
                 excluded = _int8_static(src, tmp_out, frames, det, keep_head_float, per_channel, keep_decode_float,
-                                        calibration_method, activation_type, op_types, keep_stem_float, ort_options)
+                                        calibration_method, activation_type, op_types, keep_stem_float, ort_options,
+                                        float_until)
             except (ConfigError, DataError):
                 raise
             except Exception as exc:
@@ -276,6 +304,8 @@ def quantize_onnx(
             props.update({"calibration_method": calibration_method, "activation_type": activation_type,
                           "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
                           "stem": "float" if keep_stem_float else "int8"})
+            if float_until:
+                props["float_until"] = float_until
             if ort_options:
                 props["quantize_static_overrides"] = repr(ort_options)
         del proto.metadata_props[:]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
 from export import quantize_onnx
-from export.quantize import float_nodes, stem_nodes
+from export.quantize import ancestor_nodes, float_nodes, stem_nodes
 from export.runtime import Detector
 from export.verify import generated_frames
+from models.processing import preprocess
 from models.errors import ConfigError
 from tests.helpers.export import same_boxes
 
@@ -137,3 +141,58 @@ def test_quantization_knobs_reach_the_graph_and_its_metadata(exported, tmp_path)
         quantize_onnx(result.path, tmp_path / "q.onnx", calibration=frames, calibration_method="kl")
     with pytest.raises(ConfigError, match="unknown activation type"):
         quantize_onnx(result.path, tmp_path / "q.onnx", calibration=frames, activation_type="int4")
+
+
+def _kernels(path, tmp_path) -> Counter:
+    """Operator types of onnxruntime's optimised graph of ``path``: the kernels that run."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / f"{Path(path).stem}.optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_ancestor_nodes_are_the_front_of_the_network(exported):
+    _, result = exported
+    proto = onnx.load(result.path)
+    front = ancestor_nodes(proto, "/model.2/cv2/conv/Conv")
+    assert {"/model.0/conv/Conv", "/model.1/act/Mul", "/model.2/cv1/conv/Conv", "/model.2/m.0/Add",
+            "/model.2/Concat"} <= set(front)
+    assert not any(n.startswith(("/model.2/cv2/", "/model.3/", "/model.23/")) for n in front)
+    assert ancestor_nodes(proto, "/model.0/conv/Conv") == []
+    with pytest.raises(ConfigError, match="no node named"):
+        ancestor_nodes(proto, "/model.99/conv/Conv")
+
+
+def test_float_until_runs_the_front_as_float_convs(exported, tmp_path):
+    """float_until: the front's convolutions keep float weights and run as float Conv with a fused SiLU; the named
+    convolution and the rest run as int8; the decoded outputs stay close to the fp32 file's."""
+    _, result = exported
+    frames = generated_frames()
+    until = "/model.2/cv2/conv/Conv"
+    default = quantize_onnx(result.path, tmp_path / "d.onnx", calibration=frames, measure=False)
+    front = quantize_onnx(result.path, tmp_path / "f.onnx", calibration=frames, measure=False, float_until=until)
+    front_convs = [n for n in ancestor_nodes(onnx.load(result.path), until) if n.endswith("/conv/Conv")]
+    assert len(front_convs) == 5  # stem, layer 1, layer 2's cv1 and its bottleneck's two
+
+    proto = onnx.load(front.path)
+    dequantized = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    convs = {n.name: n for n in proto.graph.node if n.op_type == "Conv"}
+    assert all(convs[n].input[1] not in dequantized for n in front_convs)
+    assert convs[until].input[1] in dequantized and convs["/model.3/conv/Conv"].input[1] in dequantized
+    assert {p.key: p.value for p in proto.metadata_props}["float_until"] == until
+    assert front.excluded_nodes > default.excluded_nodes
+
+    ran_default, ran_front = _kernels(default.path, tmp_path), _kernels(front.path, tmp_path)
+    assert ran_front["QLinearConv"] == ran_default["QLinearConv"] - 4  # the stem is float in both
+    assert ran_front["QuickGelu"] == ran_default["QuickGelu"] + 4  # x * sigmoid(x) fused, in float
+    assert ran_front["QLinearSigmoid"] == ran_default["QLinearSigmoid"] - 4
+
+    x, _ = preprocess(frames[0], Detector(result.path).imgsz)
+    fp32 = Detector(result.path).raw(x)[0]  # (4 + nc, anchors): boxes in input pixels, then class scores
+    for path in (default.path, front.path):
+        int8 = Detector(path).raw(x)[0]
+        box_error, score_error = np.abs(int8[:4] - fp32[:4]), np.abs(int8[4:] - fp32[4:])
+        assert float(np.median(box_error)) < 1.0 and float(score_error.max()) < 0.05
