@@ -432,13 +432,13 @@ NOTES = """**How to read this**
   8-bit scales) and do not depend on the machine.
 - The AdamW baseline is `torch.optim.AdamW` with its defaults (`foreach=None`, `fused=None`): on CPU tensors
   torch picks neither, so it runs its single-tensor path (a Python loop over the parameters, ~8 small ops each).
-  COAP / COAP-8bit / AdamW8bit run foreach ops over the whole group (and, 8-bit, a chunked packed update).
+  COAP / COAP-8bit / AdamW8bit run foreach ops over the whole group; 8-bit moments on the CPU are updated by
+  a fused kernel (training/optim/fused8bit.py: decode, Adam, encode and the parameter update in one pass per block).
 - `adamw#2` (when listed) is a second, independent AdamW copy: its ratios are the noise floor of each column.
   *Forward + backward* is `zero_grad` + forward + loss + backward alone. *Whole step without projection
   moves* is the median over the steps on which neither COAP nor GaLore moves its projection: the median
   over all steps mixes ordinary steps with the (several times longer) moving ones, one in `update_interval`.
-- On one CPU thread 8-bit (de)quantisation is ~20 elementwise ops per value against AdamW's ~8 (bitsandbytes
-  does it inside one CUDA kernel); the chunked update keeps them in cache but cannot fuse them.
+- The fused 8-bit kernel runs on one thread (numba, serial), as the torch ops here do with `--threads 1`.
 """
 
 
