@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None, detector_loader: Loader | None 
         app.state.pool = DetectorPool(
             registry, detector_loader or runtime_loader(settings.inference_threads), settings.max_loaded_models,
             max_batch=settings.detect_batch_size, batch_wait_s=settings.detect_batch_wait_ms / 1000.0,
-            batch_parallel=settings.detect_batch_parallel,
+            batch_parallel=settings.detect_batch_parallel, inline_when_idle=settings.detect_inline_when_idle,
         )
         app.state.limiter = InFlightLimiter(
             settings.max_concurrent_inference, settings.inference_queue, settings.inference_queue_timeout_s

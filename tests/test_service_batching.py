@@ -290,6 +290,92 @@ def test_a_cancelled_request_leaves_the_queue_or_waits_for_its_running_frame():
     assert runtime.sizes == [1]
 
 
+def test_a_lone_request_runs_on_the_event_loop_thread_only_when_nothing_else_is_in_the_server():
+    import threading
+
+    class ThreadRecording(RecordingRuntime):
+        def raw(self, batch):
+            self.threads.append(threading.get_ident())
+            return super().raw(batch)
+
+    runtime = ThreadRecording()
+    runtime.threads = []
+
+    async def main():
+        pool = _pool(runtime, max_batch=8, wait_s=0.0)
+        batcher = pool._loaded["m"].batcher
+        batcher.inline, batcher.parallel = True, 2
+        with pool.arriving("m") as arrival:  # alone: no trip to a worker thread
+            lone = await batcher.detect(_gray_job(3), arrival)
+        loop_thread = threading.get_ident()
+        # two requests started in the same turn of the loop: the first one, after its yield, sees the second on
+        # its way (as the route counts it from its start), so neither runs inline; both go to lanes
+
+        async def request(level: int):
+            with pool.arriving("m") as arrival:
+                return await batcher.detect(_gray_job(level), arrival)
+
+        pair = await asyncio.gather(request(0), request(1))
+        # with two frames at once in the last second, a later lone frame does not run inline either
+        after = await batcher.detect(_gray_job(5))
+        big = FrameJob(_gray_job(6).decode, nbytes=batcher.INLINE_MAX_BYTES + 1)
+        batcher._peaks, batcher._window_end = [0, 0], 0.0  # forget the peak: only the upload's size stops it now
+        large = await batcher.detect(big)
+        return loop_thread, lone, pair, after, large, batcher.inline_frames
+
+    loop_thread, lone, pair, after, large, inline_frames = asyncio.run(main())
+    assert runtime.threads[0] == loop_thread and inline_frames == 1
+    assert all(t != loop_thread for t in runtime.threads[1:]) and runtime.sizes == [1, 1, 1, 1, 1]
+    assert [lone.detections[0].class_id, *(r.detections[0].class_id for r in pair), after.detections[0].class_id,
+            large.detections[0].class_id] == [3, 0, 1, 5, 6]
+
+
+def test_inline_errors_reach_the_request_as_a_409():
+    async def main():
+        pool = _pool(_Exploding(), max_batch=8, wait_s=0.0)
+        batcher = pool._loaded["m"].batcher
+        batcher.inline = True
+        with pytest.raises(Exception) as info:
+            await batcher.detect(_gray_job(1))
+        return info.value, batcher.running, batcher._running_frames
+
+    error, running, frames = asyncio.run(main())
+    assert getattr(error, "http_status", None) == 409 and (running, frames) == (0, 0)
+
+
+def test_a_lane_that_finishes_takes_its_share_and_leaves_the_rest_for_the_busy_lane():
+    import threading
+
+    gates = {0: threading.Event(), 1: threading.Event()}
+
+    class Gated(RecordingRuntime):
+        def raw(self, batch):
+            level = int(round(float(batch[0].mean()) * 7))
+            if batch.shape[0] == 1 and level in gates:
+                gates[level].wait(10)
+            return super().raw(batch)
+
+    runtime = Gated()
+
+    async def main():
+        pool = _pool(runtime, max_batch=8, wait_s=0.0)
+        batcher = pool._loaded["m"].batcher
+        batcher.parallel = 2
+        first = [asyncio.ensure_future(batcher.detect(_gray_job(i))) for i in (0, 1)]  # one per lane, both held
+        await asyncio.sleep(0.05)
+        later = [asyncio.ensure_future(batcher.detect(_gray_job(i))) for i in (2, 3, 4, 5)]  # queued: lanes busy
+        await asyncio.sleep(0.05)
+        gates[0].set()  # lane A finishes: it takes 2 of the 4 (its share over 2 lanes), then 1, then 1
+        results = await asyncio.gather(first[0], *later)
+        gates[1].set()
+        results.append(await first[1])
+        return [r.detections[0].class_id for r in results], batcher.batches, batcher.frames
+
+    classes, batches, frames = asyncio.run(main())
+    # sizes are recorded as each batch passes its gate: frame 1 last
+    assert classes == [0, 2, 3, 4, 5, 1] and runtime.sizes == [1, 2, 1, 1, 1] and (batches, frames) == (5, 6)
+
+
 class _Exploding(RecordingRuntime):
     def raw(self, batch):
         raise RuntimeError("kernel exploded")
@@ -385,8 +471,10 @@ def test_batch_settings_come_from_the_environment_and_are_bounded(tmp_path):
     assert s.detect_batch_size == 4 and s.detect_batch_wait_ms == 1.5
     defaults = Settings(home=tmp_path)
     assert defaults.detect_batch_size > 1 and 0 < defaults.detect_batch_wait_ms <= 2.0
+    assert defaults.detect_inline_when_idle is True
+    assert Settings.from_env({"GLASSES_VISION_DETECT_INLINE_WHEN_IDLE": "false"}, home=tmp_path).detect_inline_when_idle is False
     for bad in ({"GLASSES_VISION_DETECT_BATCH_SIZE": "0"}, {"GLASSES_VISION_DETECT_BATCH_WAIT_MS": "-1"},
-                {"GLASSES_VISION_DETECT_BATCH_SIZE": "100000"}):
+                {"GLASSES_VISION_DETECT_BATCH_SIZE": "100000"}, {"GLASSES_VISION_DETECT_INLINE_WHEN_IDLE": "sometimes"}):
         with pytest.raises(ConfigError):
             Settings.from_env(bad, home=tmp_path)
 

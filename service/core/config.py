@@ -92,6 +92,12 @@ class Settings(BaseModel):
         description="how long a frame waits for others of the same model to join its batch; only while more detect "
         "requests for that model are arriving (a lone request never waits)",
     )
+    detect_inline_when_idle: bool = Field(
+        True,
+        description="a detect request (upload up to 2 MiB) that finds nothing else in the server for its model (no "
+        "frame queued or running, no other request on its way, at most one at once in the last second) runs on the "
+        "event loop thread: no thread hand-off for a lone client; only with batching (detect_batch_size > 1)",
+    )
     max_concurrent_inference: int = Field(
         # every frame the batches can hold: fewer slots cap the batches (2 slots on 2 cores kept each batch at
         # one or two frames: 0.63x in-process throughput at concurrency 4 against 0.76x, docs/benchmarks/service.md)

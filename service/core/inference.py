@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter, OrderedDict
 from contextlib import asynccontextmanager, contextmanager
@@ -77,6 +78,7 @@ class FrameJob:
     conf: float = 0.25
     iou: float = 0.45
     max_det: int = 300
+    nbytes: int = 0  # the upload's size: only small frames may run on the event loop (see MicroBatcher.inline)
 
 
 @dataclass
@@ -153,25 +155,36 @@ class MicroBatcher:
     """Frames of concurrent detect requests for one model, run together as one ONNX batch.
 
     Batches run in up to ``parallel`` lanes at once (one per core: a batch runs in one worker thread). A frame
-    that arrives while every lane is busy waits for the next free lane and runs there with every frame that
-    arrived meanwhile (up to ``max_batch``): under load, batches form without any timer. A frame that finds a
-    lane free runs at once unless company is expected, in which case it waits up to ``wait_s`` for it. Company
-    is expected while requests for the model are on their way (``coming()``, see :meth:`DetectorPool.arriving`),
-    and while fewer frames are in the batcher (queued, running or on their way) than the most seen at once in
-    the last second if that was more than the lanes: closed-loop clients (each answer brings the next frame)
-    keep that many in the air, and a frame that waits for the next one runs in a batch of two instead of alone
-    (with no more frames than lanes, each runs at once in its own). Frames that start together are
-    split into near-equal batches over the free lanes (on a 2-core machine 4 frames run as 2 batches of 2, which
-    keeps most of the per-frame gain of batching and both cores busy).
+    that arrives while every lane is busy waits for the next free lane and runs there with the frames that
+    arrived meanwhile: the lane takes its equal share of them over all lanes (up to ``max_batch``), leaving the
+    rest to the lanes still busy, so that none of them idles while its clients' next frames are on their way.
+    The lane's thread takes them itself as it finishes its batch: a busy event loop (parsing and answering
+    other requests) does not hold the next batch back. Under load, batches form without any timer. A
+    frame that finds a lane free runs at once unless company is expected, in which case it waits up to
+    ``wait_s`` for it. Company is expected while requests for the model are on their way (``coming()``, see
+    :meth:`DetectorPool.arriving`), and while fewer frames are in the batcher (queued, running or on their way)
+    than the most seen at once in the last second if that was more than the lanes: closed-loop clients (each
+    answer brings the next frame) keep that many in the air, and a frame that waits for the next one runs in a
+    batch of two instead of alone (with no more frames than lanes, each runs at once in its own). Frames that
+    start together are split into equal shares over the lanes (on a 2-core machine 4 frames run as 2 batches
+    of 2, which keeps most of the per-frame gain of batching and both cores busy).
+
+    With ``inline``, a small frame (``FrameJob.nbytes`` up to ``INLINE_MAX_BYTES``) that finds the batcher idle,
+    no other request for the model on its way and at most one frame at once in the last second runs on the
+    event loop thread: a lone client's request skips the two thread wake-ups of a lane. The check is made after
+    yielding to the loop once, so requests read in the same turn of the loop are seen; closed-loop clients at
+    concurrency 2 and more keep the peak above one and never run inline.
     """
 
     PEAK_WINDOW_S = 0.5  # the peak of frames at once is kept for one to two of these
+    INLINE_MAX_BYTES = 2 * 1024 * 1024  # larger uploads may take long to decode: never on the event loop
 
     def __init__(self, detector: Any, model_id: str, max_batch: int, wait_s: float,
-                 coming: Callable[[], int] = lambda: 0, parallel: int = 1):
+                 coming: Callable[[], int] = lambda: 0, parallel: int = 1, inline: bool = False):
         self.detector, self.model_id = detector, model_id
         self.max_batch, self.wait_s, self.coming = max(1, int(max_batch)), max(0.0, float(wait_s)), coming
-        self.parallel = max(1, int(parallel))
+        self.parallel, self.inline = max(1, int(parallel)), bool(inline)
+        self._lock = threading.Lock()  # _pending and the counters below: shared with the lanes' threads
         self._pending: list[_Slot] = []
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -181,22 +194,33 @@ class MicroBatcher:
         self._window_end = 0.0
         self.batches = 0  # batches run so far (for tests and logs)
         self.frames = 0
+        self.inline_frames = 0  # of which run on the event loop
 
     async def detect(self, job: FrameJob, arrival: "Arrival | None" = None) -> FrameResult:
         """The frame's result once its batch has run; raises the frame's own error.
 
         ``arrival`` (the request's count as on its way) ends as the frame joins the queue, in one step.
         """
+        if self.inline and job.nbytes <= self.INLINE_MAX_BYTES and self._alone(arrival):
+            await asyncio.sleep(0)  # let requests read in this turn of the loop reach the batcher (or count as coming)
+            if self._alone(arrival):
+                if arrival is not None:
+                    arrival.leave(poke=False)
+                return self._run_inline(job)
         slot = _Slot(job, asyncio.get_running_loop().create_future())
-        self._pending.append(slot)
+        with self._lock:
+            self._pending.append(slot)
         if arrival is not None:
             arrival.leave(poke=False)
         self.poke()
         try:
             return await asyncio.shield(slot.future)
         except asyncio.CancelledError:
-            if slot in self._pending:  # cancelled before its batch started: it never runs
-                self._pending.remove(slot)
+            with self._lock:
+                queued = slot in self._pending
+                if queued:  # cancelled before its batch started: it never runs
+                    self._pending.remove(slot)
+            if queued:
                 raise
             # its batch is running: keep the request (and its slot, which bounds decodes) until the frame is done,
             # as a cancelled thread call would
@@ -204,19 +228,45 @@ class MicroBatcher:
                 await asyncio.wait([slot.future])
             raise
 
+    def _alone(self, arrival: "Arrival | None") -> bool:
+        """Nothing queued or running, no other request on its way, and no more than one frame at once lately."""
+        if self._pending or self.running:
+            return False
+        others = self.coming() - (0 if arrival is None or arrival.left else 1)
+        return others <= 0 and self._recent_peak(1) <= 1
+
+    def _run_inline(self, job: FrameJob) -> FrameResult:
+        with self._lock:
+            self.running += 1
+            self._running_frames += 1
+        try:
+            result = run_frames(self.detector, [job], self.model_id)[0]
+        finally:
+            with self._lock:
+                self.running -= 1
+                self._running_frames -= 1
+                self.batches += 1
+                self.frames += 1
+                self.inline_frames += 1
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     def poke(self) -> None:
         """Start batches now if a lane is free and (the free lanes' batches are full or no company is expected);
         else start the wait timer. With no lane free, the next lane to come free takes what is pending."""
-        if not self._pending:
-            return
         coming = self.coming()
-        here = len(self._pending) + self._running_frames + max(coming, 0)
+        with self._lock:
+            if not self._pending:
+                return
+            pending, running = len(self._pending), self.running
+            here = pending + self._running_frames + max(coming, 0)
         peak = self._recent_peak(here)
-        free = self.parallel - self.running
+        free = self.parallel - running
         if free <= 0:
             return
         company = coming > 0 or (here < peak and peak > self.parallel)  # more frames than lanes: worth pairing
-        if len(self._pending) >= self.max_batch * free or self.wait_s <= 0 or not company:
+        if pending >= self.max_batch * free or self.wait_s <= 0 or not company:
             self._flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.wait_s, self._flush)
@@ -231,45 +281,56 @@ class MicroBatcher:
         self._peaks[0] = max(self._peaks[0], here)
         return max(self._peaks)
 
+    def _share(self, queued: int) -> int:
+        """Frames a lane takes from ``queued`` waiting ones: its equal share over all lanes (at least 1, at most
+        ``max_batch``). Frames that start together split evenly over the free lanes; a lane that finishes while
+        the others are busy leaves their share waiting for them, so they do not idle while their clients' next
+        frames are on their way."""
+        return min(self.max_batch, max(1, -(-queued // self.parallel)))
+
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        free = self.parallel - self.running
-        if free <= 0 or not self._pending:
-            return
-        n = min(len(self._pending), free * self.max_batch)
-        pending, self._pending = self._pending[:n], self._pending[n:]
-        count = max(-(-n // self.max_batch), min(n, free))
+        batches = []
+        with self._lock:
+            take = self._share(len(self._pending))
+            while self.running < self.parallel and self._pending:
+                batch, self._pending = self._pending[:take], self._pending[take:]
+                batches.append(batch)
+                self.running += 1
+                self._running_frames += len(batch)
         loop = asyncio.get_running_loop()
-        start = 0
-        for k in range(count):  # near-equal batches, the larger ones first
-            size = n // count + (1 if k < n % count else 0)
-            self.running += 1
-            self._running_frames += size
-            task = loop.create_task(self._run(pending[start : start + size]))
-            start += size
+        for batch in batches:
+            task = loop.create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[_Slot]) -> None:
-        self.batches += 1
-        self.frames += len(batch)
-        try:
-            results = await anyio.to_thread.run_sync(run_frames, self.detector, [s.job for s in batch], self.model_id)
-        except asyncio.CancelledError:
-            self.running -= 1
-            self._running_frames -= len(batch)
-            for slot in batch:
-                if not slot.future.done():
-                    slot.future.cancel()
-            raise
-        except BaseException as exc:  # noqa: BLE001 - every waiting request must hear of it
-            results = [exc] * len(batch)
-        self.running -= 1
-        self._running_frames -= len(batch)
-        _deliver(batch, results)
-        self._flush()  # frames that came while every lane was busy have waited enough: run them now
+        await anyio.to_thread.run_sync(self._lane, batch, asyncio.get_running_loop())
+        self._flush()  # frames that came while every lane was busy and none was taken: run them now
+
+    def _lane(self, batch: list[_Slot], loop: asyncio.AbstractEventLoop) -> None:
+        """A lane's thread: run ``batch``, hand its results to the loop, take what is pending; until none is."""
+        while batch:
+            try:
+                results: list = run_frames(self.detector, [s.job for s in batch], self.model_id)
+            except BaseException as exc:  # noqa: BLE001 - every waiting request must hear of it
+                results = [exc] * len(batch)
+            with self._lock:
+                self.batches += 1
+                self.frames += len(batch)
+                self._running_frames -= len(batch)
+                take = self._share(len(self._pending)) if self._pending else 0
+                done, batch = batch, self._pending[:take]
+                del self._pending[:take]
+                self._running_frames += len(batch)
+                if not batch:
+                    self.running -= 1
+            try:
+                loop.call_soon_threadsafe(_deliver, done, results)
+            except RuntimeError:  # the loop is closed (shutdown): nobody is waiting any more
+                return
 
 
 def _deliver(batch: list[_Slot], results: list) -> None:
@@ -308,9 +369,10 @@ class DetectorPool:
     """
 
     def __init__(self, registry: ModelRegistry, loader: Loader, max_loaded: int = 4, max_batch: int = 1,
-                 batch_wait_s: float = 0.0, batch_parallel: int = 1):
+                 batch_wait_s: float = 0.0, batch_parallel: int = 1, inline_when_idle: bool = False):
         self.registry, self.loader, self.max_loaded = registry, loader, max_loaded
         self.max_batch, self.batch_wait_s, self.batch_parallel = max_batch, batch_wait_s, batch_parallel
+        self.inline_when_idle = inline_when_idle
         self._loaded: "OrderedDict[str, LoadedModel]" = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._coming: Counter[str] = Counter()
@@ -363,7 +425,8 @@ class DetectorPool:
             batcher = None
             if self.max_batch > 1 and batchable(detector):
                 batcher = MicroBatcher(detector, model_id, self.max_batch, self.batch_wait_s,
-                                       coming=lambda: self._coming.get(model_id, 0), parallel=self.batch_parallel)
+                                       coming=lambda: self._coming.get(model_id, 0), parallel=self.batch_parallel,
+                                       inline=self.inline_when_idle)
             loaded = LoadedModel(record, detector, batcher)
             self._loaded[model_id] = loaded
             while len(self._loaded) > self.max_loaded:

@@ -193,7 +193,8 @@ async def detect(
                 return decode_upload(data, settings.max_upload_bytes, settings.max_image_pixels, target, budget)
 
             if loaded.batcher is not None:  # a dynamic-batch file: run with the frames that arrive with this one
-                result = await loaded.batcher.detect(FrameJob(decode, conf=conf, iou=iou, max_det=max_det), arrival)
+                result = await loaded.batcher.detect(FrameJob(decode, conf=conf, iou=iou, max_det=max_det, nbytes=len(data)),
+                                                    arrival)
                 image, found, seconds = result.image, result.detections, result.seconds
             else:
                 arrival.leave()
