@@ -143,6 +143,22 @@ def test_fused_optimizer_tracks_the_torch_path(monkeypatch, make):
             _assert_codes_close(opt_fused.state[p][key], opt_torch.state[q][key])
 
 
+def test_channels_last_parameters_and_gradients_agree_with_contiguous_ones():
+    """The kernel reads a channels-last gradient in the codes' (logical) order and returns the update for the
+    parameter it cannot write in place."""
+    torch.manual_seed(0)
+    a = TinyNet()
+    b = clone_model(a).to(memory_format=torch.channels_last)
+    assert not b.conv.weight.is_contiguous()
+    opt_a, opt_b = AdamW8bit(a.parameters(), lr=LR, block_size=16), AdamW8bit(b.parameters(), lr=LR, block_size=16)
+    mse_steps(a, opt_a, 4)
+    mse_steps(b, opt_b, 4)
+    assert not b.conv.weight.grad.is_contiguous()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+        assert torch.equal(opt_a.state[p]["exp_avg"], opt_b.state[q]["exp_avg"].contiguous())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_parameters_take_the_torch_path_and_agree_with_the_cpu_kernel():
     torch.manual_seed(0)
