@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,6 +166,19 @@ def stem_nodes(proto) -> list[str]:
     return out
 
 
+def first_block_output(proto) -> str | None:
+    """The output convolution of the network's first block (``/model.N/cv2/conv/Conv`` of the lowest N: YOLO11's
+    first C3k2, YOLOv8's first C2f), or None if the graph has none.
+
+    What comes before it (the stem, the first downsampling conv, the block's own cv1 and bottlenecks) has few
+    channels at high resolution: too little arithmetic per element for int8 convolutions to win back the int8
+    SiLU (two kernels where float has one fused), so ``quantize_onnx`` leaves it float by default.
+    """
+    pattern = re.compile(r"^/model\.(\d+)/cv2/conv/Conv$")
+    found = [(int(m.group(1)), node.name) for node in proto.graph.node if (m := pattern.match(node.name))]
+    return min(found)[1] if found else None
+
+
 def ancestor_nodes(proto, node_name: str) -> list[str]:
     """Names of every node that ``node_name`` depends on (the producers of its inputs, recursively), in graph order.
 
@@ -189,7 +203,8 @@ def ancestor_nodes(proto, node_name: str) -> list[str]:
 def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_head_float: bool, per_channel: bool,
                  keep_decode_float: bool = True, calibration_method: str = "minmax", activation_type: str = "uint8",
                  op_types: Sequence[str] | None = None, keep_stem_float: bool = True,
-                 ort_options: dict[str, Any] | None = None, float_until: str | None = None) -> int:
+                 ort_options: dict[str, Any] | None = None, float_until: str | None = None) -> tuple[int, str | None]:
+    """Quantize ``src`` into ``dst``; returns the number of nodes left float and the node ``float_until`` named."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -199,6 +214,8 @@ def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_he
     exclude = float_nodes(proto, det.metadata.get("head_layer", ""), keep_head_float, keep_decode_float)
     if keep_stem_float:
         exclude += stem_nodes(proto)
+    if float_until == "auto":
+        float_until = first_block_output(proto)
     if float_until:
         exclude += [name for name in ancestor_nodes(proto, float_until) if name not in exclude]
     overrides = dict(ort_options or {})
@@ -219,7 +236,7 @@ def _int8_static(src: Path, dst: Path, frames: list[Any], det: Detector, keep_he
         )
         quantize_static(str(prepped), str(dst), _FrameReader(frames, det.imgsz, det.input_name),
                         **{**settings, **overrides}, extra_options=extra)
-    return len(exclude)
+    return len(exclude), float_until
 
 
 def quantize_onnx(
@@ -240,7 +257,7 @@ def quantize_onnx(
     op_types: Sequence[str] | None = None,
     keep_stem_float: bool = True,
     ort_options: dict[str, Any] | None = None,
-    float_until: str | None = None,
+    float_until: str | None = "auto",
 ) -> QuantizeReport:
     """Write a quantized copy of ``onnx_path`` to ``out`` and report size, latency and (given ``dataset``) mAP change.
 
@@ -248,8 +265,8 @@ def quantize_onnx(
         calibration: for ``int8-static``: a data.yaml / COCO json / image folder, or a list of frames of the
             target domain (up to ``max_calibration`` are used, spread over the set).
         mode: ``int8-static`` (QDQ, uint8 activations, int8 per-channel weights, MinMax calibration) or ``fp16``.
-        keep_stem_float: leave the first convolution (the one reading the frame) and its SiLU in float; on by
-            default: faster than its int8 form and no less accurate (docs/benchmarks/export.md).
+        keep_stem_float: leave the first convolution (the one reading the frame) and its SiLU in float (a
+            3-channel int8 convolution is slow); with ``float_until`` it is float anyway, being in the front.
         keep_head_float: leave the whole Detect head (box / class branches and box decoding) in float.
         keep_decode_float: leave the head's decode tail (DFL, box arithmetic, final concat) in float; on by
             default, since quantizing it erases the class scores (docs/benchmarks/export.md: mAP 0).
@@ -258,9 +275,11 @@ def quantize_onnx(
         activation_type: ``uint8`` (default; U8S8 kernels) or ``int8`` (symmetric; slower on x86).
         op_types: quantize only these operator types (default: every type onnxruntime can quantize;
             ``["Conv"]`` leaves SiLU / Concat / Add in float, which is slower: more Q/DQ transitions).
-        float_until: a node name: every node it depends on stays float (the front of the network), the rest is
-            quantized as usual; e.g. ``"/model.2/cv2/conv/Conv"`` for YOLO11's first layers, whose few channels at
-            high resolution gain little from int8 (docs/benchmarks/export.md).
+        float_until: a node name: every node it depends on (the front of the network) stays float, the rest is
+            quantized. ``"auto"`` (default): the output convolution of the first block (``first_block_output``:
+            ``/model.2/cv2/conv/Conv`` in YOLO11 / YOLOv8), faster than quantizing those layers at 128 and 320 px
+            and as accurate (docs/benchmarks/export.md); if the graph has no such node, only the stem is float.
+            ``None``: only the stem (``keep_stem_float``).
         ort_options: keyword arguments for onnxruntime's ``quantize_static`` that override ours (``quant_format``,
             ``weight_type``, ``reduce_range``, ...; ``extra_options`` entries are merged), for measuring knobs.
     """
@@ -278,14 +297,14 @@ def quantize_onnx(
         raise ConfigError(f"{src} is already {det.metadata.get('precision')}; quantize the fp32 export")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_out = Path(tmp) / "quantized.onnx"
-        excluded, n_frames = 0, 0
+        excluded, n_frames, front = 0, 0, None
         if mode == "int8-static":
             frames = calibration_frames(calibration, max_calibration)
             n_frames = len(frames)
             try:
-                excluded = _int8_static(src, tmp_out, frames, det, keep_head_float, per_channel, keep_decode_float,
-                                        calibration_method, activation_type, op_types, keep_stem_float, ort_options,
-                                        float_until)
+                excluded, front = _int8_static(
+                    src, tmp_out, frames, det, keep_head_float, per_channel, keep_decode_float, calibration_method,
+                    activation_type, op_types, keep_stem_float, ort_options, float_until)
             except (ConfigError, DataError):
                 raise
             except Exception as exc:
@@ -303,9 +322,8 @@ def quantize_onnx(
         if mode == "int8-static":
             props.update({"calibration_method": calibration_method, "activation_type": activation_type,
                           "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
-                          "stem": "float" if keep_stem_float else "int8"})
-            if float_until:
-                props["float_until"] = float_until
+                          "stem": "float" if keep_stem_float or front else "int8",
+                          "float_until": front or "none"})
             if ort_options:
                 props["quantize_static_overrides"] = repr(ort_options)
         del proto.metadata_props[:]
