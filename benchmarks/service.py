@@ -74,6 +74,15 @@ def _process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_jiffies() -> tuple[int, int]:
+    """(idle, total) CPU time of the whole machine so far, in jiffies (Linux ``/proc/stat``; zeros elsewhere)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return 0, 0
+    return values[3] + values[4], sum(values)
+
+
 def _own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -364,14 +373,18 @@ def main(argv: list[str] | None = None) -> int:
                 wrk_script.write_text(_WRK_SCRIPT % {"ctype": _lua_string(ctype), "body": _lua_string(str(frame_path))})
 
             def measure(name: str, c: int, seconds: int) -> dict:
+                idle, total = _machine_jiffies()
                 if name == "in-process":
-                    return _run_load(local_call, seconds, c)
-                server_cpu = _process_cpu(servers[name].pid)
-                if load_client == "wrk":
-                    result = _run_wrk(wrk_script, f"{clients[name].base_url}/v1/detect", seconds, c)
+                    result = _run_load(local_call, seconds, c)
                 else:
-                    result = _run_load(lambda: http_call(clients[name]), seconds, c)
-                result["server_cpu_ms"] = (_process_cpu(servers[name].pid) - server_cpu) / result["requests"] * 1e3
+                    server_cpu = _process_cpu(servers[name].pid)
+                    if load_client == "wrk":
+                        result = _run_wrk(wrk_script, f"{clients[name].base_url}/v1/detect", seconds, c)
+                    else:
+                        result = _run_load(lambda: http_call(clients[name]), seconds, c)
+                    result["server_cpu_ms"] = (_process_cpu(servers[name].pid) - server_cpu) / result["requests"] * 1e3
+                idle_after, total_after = _machine_jiffies()
+                result["idle_pct"] = 100.0 * (idle_after - idle) / max(total_after - total, 1)
                 return result
 
             paths = ["in-process", *servers]
@@ -421,10 +434,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(f'{v:.2f}' for v in loads)}.",
         "",
         "CPU ms / frame: the server process's (HTTP paths) or the calling threads' (in-process), per request; "
-        "client CPU: the load client's, per request.",
+        "client CPU: the load client's, per request; idle: the machine's idle CPU time over the measurement "
+        "(both cores, everything running on them).",
         "",
-        "| concurrency | path | req/s | p50 ms | p99 ms | CPU ms / frame | client CPU ms / req | HTTP / in-process throughput |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| concurrency | path | req/s | p50 ms | p99 ms | CPU ms / frame | client CPU ms / req | idle | "
+        "HTTP / in-process throughput |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     summary: dict[str, dict[int, float]] = {}
     for c in args.concurrency:
@@ -438,8 +453,13 @@ def main(argv: list[str] | None = None) -> int:
             client_cpu = "" if local else f"{med(name, c, 'own_cpu_ms'):.2f}"
             lines.append(
                 f"| {c} | {name} | {med(name, c, 'throughput'):.1f} | {med(name, c, 'p50_ms'):.2f} | "
-                f"{med(name, c, 'p99_ms'):.2f} | {cpu:.2f} | {client_cpu} | {'' if local else f'{ratio:.2f}x'} |"
+                f"{med(name, c, 'p99_ms'):.2f} | {cpu:.2f} | {client_cpu} | {med(name, c, 'idle_pct'):.0f}% | "
+                f"{'' if local else f'{ratio:.2f}x'} |"
             )
+    lines += ["", "HTTP / in-process throughput round by round (the spread is the run-to-run noise): " + "; ".join(
+        f"{name} at {c}: " + ", ".join(f"{r['throughput'] / base['throughput']:.2f}"
+                                        for r, base in zip(results[(name, c)], results[("in-process", c)]))
+        for c in args.concurrency for name in servers) + "."]
     table = "\n".join(lines)
     print(table)
     print(json.dumps({"http_over_inprocess": summary}))

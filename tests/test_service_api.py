@@ -458,3 +458,44 @@ def test_corrupt_upload_after_ultralytics_patched_pil_is_not_500(client):
 
     _assert_error(client.post("/v1/detect", files={"image": ("x.jpg", b"definitely not an image", "image/jpeg")}),
                   415, "JPEG")
+
+
+def test_in_flight_limiter_takes_a_free_slot_at_once_queues_then_refuses():
+    import asyncio
+
+    from service.core.errors import NotReadyError, TooManyRequestsError
+    from service.core.inference import InFlightLimiter
+
+    async def main():
+        limiter = InFlightLimiter(limit=1, queue=1, timeout=0.2)
+        rejected = []
+        order = []
+
+        async def hold(name: str, seconds: float):
+            async with limiter.slot(on_reject=lambda: rejected.append(name)):
+                order.append(name)
+                await asyncio.sleep(seconds)
+
+        first = asyncio.ensure_future(hold("first", 0.1))
+        await asyncio.sleep(0)  # the free slot is taken without waiting
+        assert limiter.in_flight == 1 and limiter.waiting == 0 and order == ["first"]
+        second = asyncio.ensure_future(hold("second", 0.0))  # queued behind it
+        await asyncio.sleep(0.01)
+        assert limiter.waiting == 1
+        try:
+            await hold("third", 0.0)  # the queue is full: refused at once
+        except TooManyRequestsError:
+            pass
+        await asyncio.gather(first, second)
+        slow = asyncio.ensure_future(hold("slow", 1.0))
+        await asyncio.sleep(0)
+        try:
+            await hold("late", 0.0)  # waits 0.2 s for a slot, then 503
+        except NotReadyError:
+            pass
+        slow.cancel()
+        await asyncio.gather(slow, return_exceptions=True)
+        return order, rejected, limiter.in_flight, limiter.waiting
+
+    order, rejected, in_flight, waiting = asyncio.run(main())
+    assert order == ["first", "second", "slow"] and rejected == ["third", "late"] and (in_flight, waiting) == (0, 0)

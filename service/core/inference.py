@@ -463,18 +463,21 @@ class InFlightLimiter:
                 f"queue {self.queue}); retry shortly or raise GLASSES_VISION_MAX_CONCURRENT_INFERENCE / "
                 "GLASSES_VISION_INFERENCE_QUEUE"
             )
-        self.waiting += 1
         try:
-            with anyio.fail_after(self.timeout):
-                await self._sem.acquire()
-        except TimeoutError:
-            if on_reject:
-                on_reject()
-            raise NotReadyError(
-                f"no inference slot came free within {self.timeout:g} s (limit {self.limit}); retry shortly"
-            ) from None
-        finally:
-            self.waiting -= 1
+            self._sem.acquire_nowait()  # a free slot: no cancel scope, no trip around the loop
+        except anyio.WouldBlock:
+            self.waiting += 1
+            try:
+                with anyio.fail_after(self.timeout):
+                    await self._sem.acquire()
+            except TimeoutError:
+                if on_reject:
+                    on_reject()
+                raise NotReadyError(
+                    f"no inference slot came free within {self.timeout:g} s (limit {self.limit}); retry shortly"
+                ) from None
+            finally:
+                self.waiting -= 1
         self.in_flight += 1
         try:
             yield
