@@ -149,10 +149,9 @@ def main(argv=None) -> int:
 
     common = dict(calibration=data, max_calibration=args.calib, threads=args.threads, measure=False)
     #: label -> (quantize_onnx settings, shown in the tables)
-    int8 = {"int8 (default: per-channel, front float until layer 2's last conv, head convs int8, decode float, minmax)":
-            dict()}
-    int8["int8 (stem float only: the default before)"] = dict(float_until=None)
-    int8["int8 (stem conv int8 too)"] = dict(keep_stem_float=False, float_until=None)
+    int8 = {"int8 (default: per-channel, stem conv float, head convs int8, decode float, minmax)": dict()}
+    int8["int8 (front float: float_until='auto', up to layer 2's last conv)"] = dict(float_until="auto")
+    int8["int8 (stem conv int8 too)"] = dict(keep_stem_float=False)
     int8["int8 (head float)"] = dict(keep_head_float=True)
     if args.knobs:
         from onnxruntime.quantization import QuantFormat, QuantType
@@ -251,7 +250,7 @@ def main(argv=None) -> int:
     ref = med[ref_name]
     ul = med["onnxruntime fp32 (ultralytics export)"]
     q_default = med.get(f"onnxruntime {default_int8}")
-    before = "int8 (stem float only: the default before)"
+    before = "int8 (front float: float_until='auto', up to layer 2's last conv)"
     fp32_no_silu = med.get("onnxruntime fp32 (ours), every SiLU removed", 0.0)
     int8_no_silu = med.get("onnxruntime int8 (default), every SiLU removed", 0.0)
 
@@ -283,7 +282,7 @@ def main(argv=None) -> int:
         f"export time {t_ours:.1f} s (incl. verification) vs ultralytics {t_ul:.1f} s",
         *([f"- int8 (default) / fp32: {q_default / ref:.2f}x / "
            f"{med_cpu[f'onnxruntime {default_int8}'] / med_cpu[ref_name]:.2f}x (target <= 0.7x)"] if q_default else []),
-        *([f"- int8 (stem float only: the default before) / fp32: {med[f'onnxruntime {before}'] / ref:.2f}x / "
+        *([f"- int8 (front float) / fp32: {med[f'onnxruntime {before}'] / ref:.2f}x / "
            f"{med_cpu[f'onnxruntime {before}'] / med_cpu[ref_name]:.2f}x"] if before in reports else []),
         *([f"- SiLU's cost (the same files with every SiLU removed, wall medians): fp32 {ref - fp32_no_silu:.2f} ms, "
            f"int8 (default) {q_default - int8_no_silu:.2f} ms; int8 / fp32 without SiLU: "
@@ -310,7 +309,7 @@ def main(argv=None) -> int:
         ]
     if args.knobs:
         kernel_files = {"fp32 (ours)": base.path, "fp32 (ultralytics)": ul_path, "int8 (default)": reports[default_int8].path,
-                        "int8 (stem float only)": reports[before].path}
+                        "int8 (front float)": reports[before].path}
         lines += ["", "onnxruntime's optimised graphs (ORT_ENABLE_ALL), kernels by type:", "```"]
         lines += [f"{name:20s} {kernel_counts(path, work)}" for name, path in kernel_files.items()] + ["```"]
     print("\n".join(lines))

@@ -77,13 +77,14 @@ def test_stem_stays_float_by_default(exported, tmp_path):
                 convs and convs[0].input[1] in dequantized, {p.key: p.value for p in proto.metadata_props}["stem"])
 
     default = quantize_onnx(result.path, tmp_path / "d.onnx", calibration=frames, measure=False)
-    assert frame_consumers(default.path) == ({"Conv"}, False, "float")  # in the float front
-    stem_only = quantize_onnx(result.path, tmp_path / "o.onnx", calibration=frames, measure=False, float_until=None)
-    assert frame_consumers(stem_only.path) == ({"Conv"}, False, "float")
+    assert frame_consumers(default.path) == ({"Conv"}, False, "float")
     quantized = quantize_onnx(result.path, tmp_path / "s.onnx", calibration=frames, measure=False,
-                              keep_stem_float=False, float_until=None)
+                              keep_stem_float=False)
     assert frame_consumers(quantized.path) == ({"QuantizeLinear"}, True, "int8")
-    assert quantized.excluded_nodes == stem_only.excluded_nodes - 3 < default.excluded_nodes - 3
+    assert quantized.excluded_nodes == default.excluded_nodes - 3
+    front = quantize_onnx(result.path, tmp_path / "f.onnx", calibration=frames, measure=False, keep_stem_float=False,
+                          float_until="auto")
+    assert frame_consumers(front.path) == ({"Conv"}, False, "float")  # in the float front anyway
 
 
 def test_onnxruntime_options_override_ours(exported, tmp_path):
@@ -171,36 +172,36 @@ def test_ancestor_nodes_are_the_front_of_the_network(exported):
 
 
 def test_float_until_runs_the_front_as_float_convs(exported, tmp_path):
-    """float_until (default "auto": the first block's output conv): the front's convolutions keep float weights and
-    run as float Conv with a fused SiLU; the named convolution and the rest run as int8; the decoded outputs stay
-    close to the fp32 file's, as with the stem alone float."""
+    """float_until ("auto": the first block's output conv): the front's convolutions keep float weights and run as
+    float Conv with a fused SiLU; the named convolution and the rest run as int8; the decoded outputs stay close to
+    the fp32 file's, as with the default (the stem alone float)."""
     _, result = exported
     frames = generated_frames()
     until = "/model.2/cv2/conv/Conv"
-    stem_only = quantize_onnx(result.path, tmp_path / "s.onnx", calibration=frames, measure=False, float_until=None)
-    default = quantize_onnx(result.path, tmp_path / "d.onnx", calibration=frames, measure=False)
+    stem_only = quantize_onnx(result.path, tmp_path / "s.onnx", calibration=frames, measure=False)
+    front = quantize_onnx(result.path, tmp_path / "f.onnx", calibration=frames, measure=False, float_until="auto")
     named = quantize_onnx(result.path, tmp_path / "n.onnx", calibration=frames, measure=False, float_until=until)
-    assert onnx.load(default.path).graph == onnx.load(named.path).graph
+    assert onnx.load(front.path).graph == onnx.load(named.path).graph
     front_convs = [n for n in ancestor_nodes(onnx.load(result.path), until) if n.endswith("/conv/Conv")]
     assert len(front_convs) == 5  # stem, layer 1, layer 2's cv1 and its bottleneck's two
 
-    proto = onnx.load(default.path)
+    proto = onnx.load(front.path)
     dequantized = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     convs = {n.name: n for n in proto.graph.node if n.op_type == "Conv"}
     assert all(convs[n].input[1] not in dequantized for n in front_convs)
     assert convs[until].input[1] in dequantized and convs["/model.3/conv/Conv"].input[1] in dequantized
     meta = lambda r: {p.key: p.value for p in onnx.load(r.path).metadata_props}  # noqa: E731
-    assert meta(default)["float_until"] == until and meta(stem_only)["float_until"] == "none"
-    assert default.excluded_nodes > stem_only.excluded_nodes
+    assert meta(front)["float_until"] == until and meta(stem_only)["float_until"] == "none"
+    assert front.excluded_nodes > stem_only.excluded_nodes
 
-    ran_stem, ran_front = _kernels(stem_only.path, tmp_path), _kernels(default.path, tmp_path)
+    ran_stem, ran_front = _kernels(stem_only.path, tmp_path), _kernels(front.path, tmp_path)
     assert ran_front["QLinearConv"] == ran_stem["QLinearConv"] - 4  # the stem is float in both
     assert ran_front["QuickGelu"] == ran_stem["QuickGelu"] + 4  # x * sigmoid(x) fused, in float
     assert ran_front["QLinearSigmoid"] == ran_stem["QLinearSigmoid"] - 4
 
     x, _ = preprocess(frames[0], Detector(result.path).imgsz)
     fp32 = Detector(result.path).raw(x)[0]  # (4 + nc, anchors): boxes in input pixels, then class scores
-    for report in (stem_only, default):
+    for report in (stem_only, front):
         int8 = Detector(report.path).raw(x)[0]
         box_error, score_error = np.abs(int8[:4] - fp32[:4]), np.abs(int8[4:] - fp32[4:])
         assert float(np.median(box_error)) < 1.0 and float(score_error.max()) < 0.05
