@@ -36,6 +36,8 @@ from models.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.parts import PARTS  # noqa: E402
 from models.peft_layer import is_peft_layer  # noqa: E402
 
+#: ``set_gradient_checkpointing(policy="high_res")`` checkpoints the layers whose output stride is at most this.
+HIGH_RES_MAX_STRIDE = 8
 FAMILIES = {"yolo11": "yolo11.yaml", "yolov8": "yolov8.yaml"}
 SCALES = ("n", "s", "m", "l", "x")
 CONFIG_FORMAT = "glasses-vision/detection-model"
@@ -236,13 +238,45 @@ class DetectionModel(_UltralyticsDetectionModel):
                 return i
         return len(self.model)
 
-    def set_gradient_checkpointing(self, parts: Sequence[str] = ("backbone", "neck")) -> None:
-        """Checkpoint every layer of the given parts (each YOLO layer is one block); ``()`` turns it off."""
+    def set_gradient_checkpointing(self, parts: Sequence[str] = ("backbone", "neck"), policy: str = "all") -> None:
+        """Checkpoint layers of the given parts (each YOLO layer is one block); ``()`` turns it off.
+
+        ``policy="all"`` checkpoints every layer of the parts; ``"high_res"`` only those whose output stride is
+        at most ``HIGH_RES_MAX_STRIDE``: each stride step doubles the channels and quarters the pixels, so
+        these few layers hold most of the activation bytes for a fraction of the recomputed forward.
+        """
         layers: set[int] = set()
         for name in parts:
             start, stop = self.part_bounds[self._check_part(name)]
             layers.update(range(start, stop))
+        if policy == "high_res" and layers:
+            strides = self.layer_strides()
+            layers = {i for i in layers if strides[i] <= HIGH_RES_MAX_STRIDE}
+        elif policy not in ("all", "high_res"):
+            raise ConfigError(f"unknown checkpointing policy {policy!r}; use all or high_res")
         self.checkpoint_layers = layers
+
+    def layer_strides(self) -> list[int]:
+        """Output stride of every layer; the head reads every stride, so it counts as the coarsest.
+
+        Found by one small eval-mode forward; every module's train/eval mode is restored afterwards.
+        """
+        size = 2 * self.max_stride
+        strides: dict[int, int] = {}
+        hooks = [m.register_forward_hook(lambda layer, _, out: strides.__setitem__(layer.i, size // out.shape[-1]))
+                 for m in self.model[:-1]]
+        modes = {m: m.training for m in self.modules()}
+        param = next(self.parameters())
+        try:
+            self.eval()
+            with torch.no_grad():
+                self(torch.zeros(1, self.yaml["channels"], size, size, device=param.device))
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, training in modes.items():
+                m.training = training
+        return [strides.get(i, self.max_stride) for i in range(len(self.model))]
 
     @staticmethod
     def _check_part(name: str) -> str:

@@ -105,6 +105,9 @@ class TrainConfig:
     # --- memory -------------------------------------------------------------
     #: recompute activations of these parts in backward (``torch.utils.checkpoint``, per YOLO layer).
     grad_checkpoint: list[str] = field(default_factory=list)
+    #: ``all`` layers of those parts, or ``high_res``: only layers at output stride <= 8, which hold most of the
+    #: activation bytes for a fraction of the recompute (docs/benchmarks/train_step.md).
+    grad_checkpoint_policy: str = "all"
     #: autocast precision: ``none`` (fp32) or ``bf16`` (CPU and CUDA).
     amp: str = "none"
     #: refuse to start when one micro-batch's exact bytes (MemoryReport) exceed this many MiB

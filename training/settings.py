@@ -23,6 +23,8 @@ from typing import Any, Mapping
 from models.errors import ConfigError
 from models.parts import PARTS
 AMP_MODES = ("none", "bf16")
+#: which layers of the ``grad_checkpoint`` parts are checkpointed (``DetectionModel.set_gradient_checkpointing``).
+CHECKPOINT_POLICIES = ("all", "high_res")
 DEVICES = ("auto", "cpu", "cuda")
 #: keyword-setting mappings (peft_settings, optimizer_settings, augment_settings) hold at most this many keys.
 MAX_MAPPING_KEYS = 64
@@ -109,6 +111,7 @@ BOUNDS: dict[str, Bound] = {
     "ema_tau": _float(0.0, 1e7, low_open=True),
     # memory
     "grad_checkpoint": Bound("parts"),
+    "grad_checkpoint_policy": Bound("str", choices=CHECKPOINT_POLICIES),
     "amp": Bound("str", choices=AMP_MODES),
     "memory_limit_mb": _float(0.0, 1e7, low_open=True, nullable=True),
     # evaluation, logging, checkpoints

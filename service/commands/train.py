@@ -14,6 +14,8 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    from training.settings import CHECKPOINT_POLICIES
+
     add = parser.add_argument
     add("--config", help="a TrainConfig YAML / JSON file; the flags below override its values")
     add("--data", help="YOLO data.yaml or COCO json")
@@ -34,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
     add("--imgsz", type=int, help="input size, a multiple of 32 (default 320)")
     add("--grad-checkpoint", nargs="?", const="backbone,neck", default=None, metavar="PARTS",
         help="activation checkpointing for these parts (default when given: backbone,neck)")
+    add("--grad-checkpoint-policy", choices=CHECKPOINT_POLICIES,
+        help="checkpoint all layers of those parts (default) or only the high-resolution ones (stride <= 8)")
     add("--amp", choices=["none", "bf16"], help="autocast precision (default none)")
     add("--grad-clip", type=float, help="global gradient-norm clip (default 10; 0 = off)")
     add("--ema", action="store_true", default=None, help="keep an EMA of the weights and ship it")
