@@ -29,7 +29,7 @@ def _step(model: nn.Module, x: torch.Tensor):
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [None, "all", "high_res"])
 def test_channels_last_training_step_equals_nchw(method, checkpointing):
     model = make_model(imgsz=64)
     if method == "lora":
@@ -40,7 +40,7 @@ def test_channels_last_training_step_equals_nchw(method, checkpointing):
     model.train()
     channels_last = copy.deepcopy(model).to(memory_format=training_memory_format(torch.device("cpu")))
     if checkpointing:
-        channels_last.set_gradient_checkpointing(("backbone", "neck", "head"))
+        channels_last.set_gradient_checkpointing(("backbone", "neck", "head"), policy=checkpointing)
     kernels = [p for p in channels_last.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
     assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in kernels)
     x = images(2, 64)
