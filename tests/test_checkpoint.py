@@ -144,6 +144,17 @@ def test_a_leftover_directory_of_the_same_step_is_replaced(tmp_path):
     assert info["step"] == 2 and torch.equal(model_state["conv.weight"], _model_state(2)["conv.weight"])
 
 
+def test_leftovers_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
+    """A save killed mid-way leaves its staging directory or its temporary ``last`` link (named after its pid);
+    the next save, in another process, removes both, so the run folder holds only checkpoints and ``last``."""
+    root = tmp_path / "checkpoints"
+    _save(root, 1)
+    (root / ".tmp-step-00000002-99999-deadbeef").mkdir()
+    (root / ".last.99999.tmp").symlink_to("step-00000001")
+    _save(root, 2)
+    assert sorted(p.name for p in root.iterdir()) == ["last", "step-00000002"]
+
+
 def test_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no training checkpoint"):
         find_checkpoint(tmp_path)

@@ -115,6 +115,8 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    for stale_link in root.glob(f".{LAST}.*.tmp"):  # a process killed between symlink and replace in _point_last
+        stale_link.unlink(missing_ok=True)
     return target
 
 
