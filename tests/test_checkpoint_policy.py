@@ -86,3 +86,25 @@ def test_cli_flag_sets_the_policy():
     args = parser.parse_args(["train", "--data", "d.yaml", "--grad-checkpoint", "--grad-checkpoint-policy", "high_res"])
     cfg = config_from_args(args)
     assert (cfg.grad_checkpoint, cfg.grad_checkpoint_policy) == (["backbone", "neck"], "high_res")
+
+
+def test_the_recipe_checkpoints_the_layers_of_its_configured_policy(tmp_path, monkeypatch):
+    """``grad_checkpoint_policy`` reaches the model in ``training.recipe.train`` (it was once read only by the CLI)."""
+    from tests.helpers.recipe import tiny_config
+    from training.recipe import train
+
+    seen: dict[str, set[int]] = {}
+    original = DetectionModel.set_gradient_checkpointing
+
+    def record(self, parts=("backbone", "neck"), policy="all"):
+        original(self, parts, policy)
+        seen[policy] = set(self.checkpoint_layers)
+
+    monkeypatch.setattr(DetectionModel, "set_gradient_checkpointing", record)
+    result = train(tiny_config(tmp_path / "run", max_steps=1, grad_checkpoint=["backbone", "neck"],
+                               grad_checkpoint_policy="high_res"))
+    assert result.status == "completed"
+    assert list(seen) == ["high_res"]
+    everything = _model()
+    everything.set_gradient_checkpointing(("backbone", "neck"))
+    assert seen["high_res"] and seen["high_res"] < everything.checkpoint_layers

@@ -137,7 +137,7 @@ def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: Sto
     model = build_model(cfg, list(train_ds.names))
     model.to(device, memory_format=training_memory_format(device))
     trainable = trainable_summary(model)
-    model.set_gradient_checkpointing(tuple(cfg.grad_checkpoint))
+    model.set_gradient_checkpointing(tuple(cfg.grad_checkpoint), cfg.grad_checkpoint_policy)
     criterion = build_criterion(model)
     autocast = amp_context(cfg.amp, device)
 
