@@ -122,8 +122,9 @@ def test_02_peak_rss_under_8_concurrent_worst_case_uploads(tmp_path):
 
 @pytest.mark.slow
 def test_load_20_clients_x_50_detects_keeps_rss_flat(tmp_path):
-    """20 concurrent clients x 50 detects: no errors but documented 429/503, RSS at request 1000 within 10 % of
-    its value at request 200 (after the warm-up the session's arenas are allocated and reused)."""
+    """20 concurrent clients x 50 detects: no errors but documented 429/503, RSS at request 1000 at most 10 % above
+    its value at request 200 (after the warm-up the session's arenas are allocated and reused). A leak grows; RSS may
+    fall (a sample at 200 taken while many frames were in flight, freed by the end: 142 -> 124 MiB in one CI run)."""
     import threading
 
     onnx_file = tmp_path / "constant.onnx"
@@ -159,7 +160,7 @@ def test_load_20_clients_x_50_detects_keeps_rss_flat(tmp_path):
                   "seconds": round(seconds, 1)}
         print(json.dumps(report))
         assert len(codes) == 1000 and set(codes) <= {200, 429, 503}, report
-        assert abs(samples[1000] - samples[200]) <= 0.10 * samples[200], report
+        assert samples[1000] - samples[200] <= 0.10 * samples[200], report
     finally:
         proc.terminate()
         proc.wait(timeout=30)
