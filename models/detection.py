@@ -33,7 +33,7 @@ from ultralytics.nn.tasks import yaml_model_load  # noqa: E402
 
 from models.errors import CheckpointError, ConfigError, UntrustedCheckpointError  # noqa: E402
 from models.io import atomic_write_bytes, atomic_write_json  # noqa: E402
-from models.parts import PARTS  # noqa: E402
+from models.parts import CHECKPOINT_POLICIES, PARTS  # noqa: E402
 from models.peft_layer import is_peft_layer  # noqa: E402
 
 #: ``set_gradient_checkpointing(policy="high_res")`` checkpoints the layers whose output stride is at most this.
@@ -249,11 +249,11 @@ class DetectionModel(_UltralyticsDetectionModel):
         for name in parts:
             start, stop = self.part_bounds[self._check_part(name)]
             layers.update(range(start, stop))
+        if policy not in CHECKPOINT_POLICIES:
+            raise ConfigError(f"unknown checkpointing policy {policy!r}; use one of {', '.join(CHECKPOINT_POLICIES)}")
         if policy == "high_res" and layers:
             strides = self.layer_strides()
             layers = {i for i in layers if strides[i] <= HIGH_RES_MAX_STRIDE}
-        elif policy not in ("all", "high_res"):
-            raise ConfigError(f"unknown checkpointing policy {policy!r}; use all or high_res")
         self.checkpoint_layers = layers
 
     def layer_strides(self) -> list[int]:

@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from models.errors import ConfigError
-from models.parts import PARTS
+from models.parts import CHECKPOINT_POLICIES, PARTS
 AMP_MODES = ("none", "bf16")
-#: which layers of the ``grad_checkpoint`` parts are checkpointed (``DetectionModel.set_gradient_checkpointing``).
-CHECKPOINT_POLICIES = ("all", "high_res")
 DEVICES = ("auto", "cpu", "cuda")
 #: keyword-setting mappings (peft_settings, optimizer_settings, augment_settings) hold at most this many keys.
 MAX_MAPPING_KEYS = 64
