@@ -188,7 +188,8 @@ def ancestor_nodes(proto, node_name: str) -> list[str]:
     producer = {out: node for node in proto.graph.node for out in node.output}
     by_name = {node.name: node for node in proto.graph.node}
     if node_name not in by_name:
-        raise ConfigError(f"float_until: no node named {node_name!r} in the graph")
+        raise ConfigError(f"float_until: no node named {node_name!r} in the graph; pass 'auto' (the first block's "
+                          "output conv) or a name from [n.name for n in onnx.load(path).graph.node]")
     seen: set[str] = set()
     todo = [by_name[node_name]]
     while todo:
