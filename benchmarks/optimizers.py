@@ -484,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+        if path is not None and path.is_dir():  # checked before minutes of measuring, not after
+            ap.error(f"{flag} {path} is a folder; give a file path such as {path / ('report.md' if flag == '--out' else 'results.json')}")
     args.methods = [m.strip() for m in args.methods.split(",")]
     if args.methods[0] != "adamw":
         args.methods = ["adamw"] + [m for m in args.methods if m != "adamw"]
