@@ -8,6 +8,10 @@ warm-up calls; medians of wall time and of the calling thread's CPU time, load a
 ``--profile N`` adds where the time goes: onnxruntime's profiler over N more runs of each file (a session of its
 own, after the timing), kernel time per run by operator type. The profiler adds a fixed cost to every kernel,
 so read its shares, not its totals, against the timing table.
+
+``--batches 1,2,4,8`` times the first file (it needs a dynamic batch axis: ``glasses-vision export --dynamic-batch``)
+at each batch size instead, interleaved the same way: wall and process-CPU milliseconds *per frame*, against batch 1.
+That is what the server's micro-batching can save per frame (``docs/benchmarks/service.md``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ def main(argv=None) -> int:
     parser.add_argument("--imgsz", type=int, default=None, help="input size for files without a static one")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile N runs of each file: kernel time per run by operator type")
+    parser.add_argument("--batches", default=None, metavar="B,B,...",
+                        help="time the first file (dynamic batch axis) at these batch sizes: ms per frame")
     args = parser.parse_args(argv)
+    batches = _batch_sizes(parser, args.batches)
 
     import numpy as np
     import onnxruntime as ort
@@ -44,6 +51,8 @@ def main(argv=None) -> int:
     if not h or not w:
         parser.error("the first file has no static input size: pass --imgsz")
     x = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
+    if batches:
+        return batch_scaling(sessions[next(iter(sessions))], batches, (h, w), args, argv)
     calls = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for name, s in sessions.items()}
     for call in calls.values():
         for _ in range(5):
@@ -87,6 +96,61 @@ def main(argv=None) -> int:
             print(f"| {op} | " + " | ".join(cells) + " |")
         print("| total | " + " | ".join(f"{totals[name]:.0f} ({sum(n for n, _ in by_op[name].values())} kernels)"
                                       for name in by_op) + " |")
+    return 0
+
+
+def _batch_sizes(parser: argparse.ArgumentParser, text: str | None) -> list[int]:
+    if text is None:
+        return []
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        parser.error(f"--batches takes positive batch sizes separated by commas (e.g. 1,2,4,8), got {text!r}")
+    return sorted(set(sizes))
+
+
+def batch_scaling(session, batches: list[int], hw: tuple[int, int], args, argv) -> int:
+    """Per-frame wall and process-CPU time of ``session`` at each batch size, interleaved rounds, medians."""
+    import numpy as np
+    import onnxruntime as ort
+
+    name = session.get_inputs()[0].name
+    rng = np.random.default_rng(0)
+    feeds = {b: {name: rng.random((b, 3, *hw), dtype=np.float32)} for b in batches}
+    try:
+        for feed in feeds.values():
+            for _ in range(3):
+                session.run(None, feed)
+    except Exception as exc:  # onnxruntime's own error for a static batch axis
+        print(f"error: {args.files[0]} does not take these batch sizes ({type(exc).__name__}: {exc}); "
+              "export it with --dynamic-batch", file=sys.stderr)
+        return 2
+    wall: dict[int, list[float]] = {b: [] for b in batches}
+    cpu: dict[int, list[float]] = {b: [] for b in batches}
+    order = np.random.default_rng(0)
+    load_before = os.getloadavg()
+    for _ in range(args.rounds):
+        for i in order.permutation(len(batches)):
+            b = batches[i]
+            c, t = time.process_time(), time.perf_counter()
+            session.run(None, feeds[b])
+            wall[b].append((time.perf_counter() - t) * 1000 / b)
+            cpu[b].append((time.process_time() - c) * 1000 / b)
+    load_after = os.getloadavg()
+    med = {b: statistics.median(v) for b, v in wall.items()}
+    med_cpu = {b: statistics.median(v) for b, v in cpu.items()}
+    ref = batches[0]
+    fmt = lambda la: ", ".join(f"{v:.2f}" for v in la)  # noqa: E731
+    print(f"command: python benchmarks/onnx_latency.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs; onnxruntime {ort.__version__}; "
+          f"load average {fmt(load_before)} before, {fmt(load_after)} after")
+    print(f"file {args.files[0]}, input {hw[0]}x{hw[1]}, threads {args.threads}, {args.rounds} interleaved rounds\n")
+    print(f"| batch | median wall ms / frame | vs batch {ref} | median process-CPU ms / frame | vs batch {ref} |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for b in batches:
+        print(f"| {b} | {med[b]:.2f} | {med[b] / med[ref]:.2f}x | {med_cpu[b]:.2f} | {med_cpu[b] / med_cpu[ref]:.2f}x |")
     return 0
 
 

@@ -17,6 +17,12 @@ The load client is ``wrk`` (C, one epoll thread, keep-alive connections; ``apt-g
 is installed, else the standard library's ``http.client`` in threads (``--client`` picks one). The client
 runs on the same cores as the server, so its CPU is taken from the server's; the table gives the CPU
 each path spends per frame: the server process's, the client's, and the in-process threads'.
+
+``--in-process-lanes`` adds the batching server's work without its HTTP: ``detect_batch_parallel`` threads in the
+benchmark process, each running the server's own ``service.core.inference.run_frames`` (decode, one ONNX batch,
+NMS per frame) on its equal share of the concurrency's frames back to back (at concurrency 4 on two lanes: two
+batches of 2). It is the most micro-batching can give on this machine with no HTTP, no event loop and no thread
+hand-off, so it splits the HTTP / in-process ratio into what batching saves and what the server's HTTP costs.
 """
 
 from __future__ import annotations
@@ -129,6 +135,48 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(99)))
 end
 """
+
+
+def _run_lanes(run_batch, seconds: float, concurrency: int, lanes: int, max_batch: int) -> dict:
+    """``min(lanes, concurrency)`` threads, each running ``run_batch(k)`` back to back on its equal share ``k`` of
+    ``concurrency`` frames (at most ``max_batch``); frames per second, batch latency, own CPU per frame."""
+    threads = min(lanes, concurrency)
+    shares = [concurrency // threads + (1 if i < concurrency % threads else 0) for i in range(threads)]
+    shares = [min(k, max_batch) for k in shares]
+    latencies: list[float] = []
+    frames = [0]
+    lock = threading.Lock()
+
+    def worker(k: int, deadline: float) -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            run_batch(k)
+            elapsed = time.perf_counter() - t0
+            with lock:
+                latencies.extend([elapsed] * k)
+                frames[0] += k
+
+    def run(length: float) -> float:
+        deadline = time.perf_counter() + length
+        workers = [threading.Thread(target=worker, args=(k, deadline)) for k in shares]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return time.perf_counter() - start
+
+    run(min(0.3, seconds))  # warm-up
+    latencies.clear()
+    frames[0] = 0
+    cpu = _own_cpu()
+    wall = run(seconds)
+    n = frames[0]
+    return {"requests": n, "throughput": n / wall, "p50_ms": _percentile(latencies, 50) * 1e3,
+            "p99_ms": _percentile(latencies, 99) * 1e3, "own_cpu_ms": (_own_cpu() - cpu) / n * 1e3}
+
+
+LANES = "in-process lanes"
 
 
 def _lua_string(text: str) -> str:
@@ -266,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-parallel", type=int, default=None, help="its detect_batch_parallel (default: Settings)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="both servers' max_concurrent_inference, "
                         "which caps the frames a batch can gather (default: the highest --concurrency)")
+    parser.add_argument("--in-process-lanes", action="store_true",
+                        help="also measure the batching server's lanes in-process (micro-batching without HTTP)")
     parser.add_argument("--profile", default=None, help="also py-spy the batching server over --seconds of sequential "
                         "requests and write the breakdown (and the raw samples next to it)")
     parser.add_argument("--out", default=None, help="also write the results table (markdown) here")
@@ -282,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.core.config import DEFAULT_MODEL_ID, Settings
     from service.core.images import decode_upload
-    from service.core.inference import runtime_loader
+    from service.core.inference import FrameJob, run_frames, runtime_loader
     from service.registry import ModelRegistry
 
     load_before = os.getloadavg()[0]
@@ -357,6 +407,13 @@ def main(argv: list[str] | None = None) -> int:
                 image = decode_upload(jpeg, 10 * 1024 * 1024, 40_000_000, target)
                 return image, detector.detect(image.rgb, conf=0.25, iou=0.45, max_det=300)
 
+            def lanes_batch(k: int) -> None:  # the batching server's lane work on k frames, without HTTP
+                jobs = [FrameJob(decode=lambda: decode_upload(jpeg, 10 * 1024 * 1024, 40_000_000, target),
+                                 nbytes=len(jpeg)) for _ in range(k)]
+                for result in run_frames(detector, jobs):
+                    if isinstance(result, BaseException):
+                        raise result
+
             # same boxes on every path, checked once
             image, found = local_call()
             sx, sy = image.scale
@@ -376,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                 idle, total = _machine_jiffies()
                 if name == "in-process":
                     result = _run_load(local_call, seconds, c)
+                elif name == LANES:
+                    result = _run_lanes(lanes_batch, seconds, c, parallel, batch_size)
                 else:
                     server_cpu = _process_cpu(servers[name].pid)
                     if load_client == "wrk":
@@ -387,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["idle_pct"] = 100.0 * (idle_after - idle) / max(total_after - total, 1)
                 return result
 
-            paths = ["in-process", *servers]
+            paths = ["in-process", *([LANES] if args.in_process_lanes else []), *servers]
             for name in servers:  # warm-up: sessions, connections, the batchers' peaks
                 measure(name, max_c, 1)
             results: dict[tuple[str, int], list[dict]] = {}
@@ -446,20 +505,20 @@ def main(argv: list[str] | None = None) -> int:
         base = med("in-process", c, "throughput")
         for name in paths:
             ratio = med(name, c, "throughput") / base
-            local = name == "in-process"
-            if not local:
+            local = name in ("in-process", LANES)
+            if name != "in-process":
                 summary.setdefault(name, {})[c] = round(ratio, 3)
             cpu = med(name, c, "own_cpu_ms" if local else "server_cpu_ms")
             client_cpu = "" if local else f"{med(name, c, 'own_cpu_ms'):.2f}"
             lines.append(
                 f"| {c} | {name} | {med(name, c, 'throughput'):.1f} | {med(name, c, 'p50_ms'):.2f} | "
                 f"{med(name, c, 'p99_ms'):.2f} | {cpu:.2f} | {client_cpu} | {med(name, c, 'idle_pct'):.0f}% | "
-                f"{'' if local else f'{ratio:.2f}x'} |"
+                f"{'' if name == 'in-process' else f'{ratio:.2f}x'} |"
             )
     lines += ["", "HTTP / in-process throughput round by round (the spread is the run-to-run noise): " + "; ".join(
         f"{name} at {c}: " + ", ".join(f"{r['throughput'] / base['throughput']:.2f}"
                                         for r, base in zip(results[(name, c)], results[("in-process", c)]))
-        for c in args.concurrency for name in servers) + "."]
+        for c in args.concurrency for name in paths[1:]) + "."]
     table = "\n".join(lines)
     print(table)
     print(json.dumps({"http_over_inprocess": summary}))
