@@ -3,7 +3,9 @@
 For each (model, image size) every method trains its own copy of the same
 initial weights on the same batches, one step each in turn (interleaved, the
 order rotating every step), so the shared machine's load hits all methods
-alike. Reported relative to AdamW: optimizer-state bytes (every tensor in
+alike. Models train in the recipe's CPU memory format (channels-last, see
+``training.recipe.training_memory_format``) unless ``--memory-format`` says otherwise;
+given both formats, every method runs in each, all interleaved in one process. Reported relative to AdamW: optimizer-state bytes (every tensor in
 ``optimizer.state``), the whole training step (forward + backward + step),
 ``optimizer.step()`` alone, and the loss after N steps. A longer YOLO11n run
 records the loss curves.
@@ -39,8 +41,12 @@ from models import DetectionModel  # noqa: E402
 from models.io import atomic_write_text  # noqa: E402
 from training.memory import optimizer_state_bytes  # noqa: E402
 from training.optim import build_optimizer, list_optimizers  # noqa: E402
+from training.recipe import training_memory_format  # noqa: E402
 
 NC = 6
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+#: the layout the recipe trains in on the CPU (the benchmark's default)
+RECIPE_CPU_FORMAT = next(k for k, v in MEMORY_FORMATS.items() if v == training_memory_format(torch.device("cpu")))
 
 
 def load_average() -> list[float]:
@@ -56,6 +62,25 @@ def _load(res: dict) -> str:
 def base_method(name: str) -> str:
     """The optimizer behind a method name: ``adamw#2`` is a second, independent AdamW copy (the A/A control)."""
     return name.split("#")[0]
+
+
+def in_format(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
+    """``model`` in memory format ``fmt`` as the recipe converts it (weights only: the input batches stay NCHW,
+    and a convolution's output follows its weight's layout)."""
+    return model.to(memory_format=MEMORY_FORMATS[fmt])
+
+
+def grad_like(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``g`` laid out as ``p`` (autograd gives a dense parameter a gradient of its own strides)."""
+    return torch.empty_like(p).copy_(g)
+
+
+def by_format(runs: dict[tuple[str, str], dict], formats: list[str], summarise) -> list[dict]:
+    """One result per memory format: ``{"memory_format": fmt, "methods": {name: summarise(run)}}``."""
+    return [
+        {"memory_format": fmt, "methods": {name: summarise(r) for (f, name), r in runs.items() if f == fmt}}
+        for fmt in formats
+    ]
 
 
 def method_settings(args) -> dict[str, dict]:
@@ -139,24 +164,27 @@ def steady_steps(steps: int, args) -> list[int]:
     return [i for i in range(steps) if (i + 1) % coap and i % galore]
 
 
-def run_interleaved(cfg: str, imgsz: int, steps: int, args, desc: str) -> dict:
+def run_interleaved(cfg: str, imgsz: int, steps: int, args, desc: str) -> list[dict]:
+    """One cell of the grid: every method in every memory format, interleaved; one result per format."""
     batches, data_label = make_batches(imgsz, args.batch, args.n_batches, args.seed, args.data)
     load_start = load_average()
     torch.manual_seed(args.seed)
     base = DetectionModel(cfg, nc=NC, imgsz=imgsz)
     settings = method_settings(args)
     runs = {}
-    for name in args.methods:
-        model = copy.deepcopy(base)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = build_optimizer(base_method(name), params, lr=args.lr, weight_decay=args.weight_decay, **settings[base_method(name)])
-        runs[name] = {"model": model, "crit": v8DetectionLoss(model), "opt": opt, "loss": [], "whole": [], "step": [], "fb": []}
-    order = list(args.methods)
+    for fmt in args.memory_format:
+        for name in args.methods:
+            model = in_format(copy.deepcopy(base), fmt)
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = build_optimizer(base_method(name), params, lr=args.lr, weight_decay=args.weight_decay, **settings[base_method(name)])
+            runs[fmt, name] = {"model": model, "crit": v8DetectionLoss(model), "opt": opt, "settings": settings[base_method(name)],
+                              "loss": [], "whole": [], "step": [], "fb": []}
+    order = list(runs)
     for i in tqdm(range(steps), desc=desc, disable=args.quiet):
         imgs, batch = batches[i % len(batches)]
-        for name in order[i % len(order):] + order[: i % len(order)]:
-            r = runs[name]
+        for key in order[i % len(order):] + order[: i % len(order)]:
+            r = runs[key]
             t0 = time.perf_counter()
             r["opt"].zero_grad(set_to_none=True)
             loss, _ = r["crit"](r["model"](imgs), batch)
@@ -169,12 +197,12 @@ def run_interleaved(cfg: str, imgsz: int, steps: int, args, desc: str) -> dict:
             r["whole"].append(t2 - t0)
             r["step"].append(t2 - t1)
             r["fb"].append(t1 - t0)
-    out = {"model": cfg, "imgsz": imgsz, "steps": steps, "batch": args.batch, "data": data_label, "methods": {},
-           "load_start": load_start, "load_end": load_average()}  # fmt: skip
+    load_end = load_average()
     steady = steady_steps(steps, args)
-    for name, r in runs.items():
+
+    def summarise(r: dict) -> dict:
         window = r["loss"][-max(1, steps // 5):]
-        out["methods"][name] = {
+        return {
             "state_bytes": optimizer_state_bytes(r["opt"]),
             "whole_median_s": statistics.median(r["whole"]),
             "whole_mean_s": statistics.fmean(r["whole"]),
@@ -186,9 +214,12 @@ def run_interleaved(cfg: str, imgsz: int, steps: int, args, desc: str) -> dict:
             "loss_final": statistics.fmean(window),
             "losses": r["loss"],
             "times_s": {"whole": r["whole"], "step": r["step"], "fwd_bwd": r["fb"]},  # every step, in run order
-            "settings": settings[base_method(name)],
+            "settings": r["settings"],
         }
-    return out
+
+    cell = {"model": cfg, "imgsz": imgsz, "steps": steps, "batch": args.batch, "data": data_label,
+            "load_start": load_start, "load_end": load_end}  # fmt: skip
+    return [{**cell, **res} for res in by_format(runs, args.memory_format, summarise)]
 
 
 PAPER_SETTINGS = {
@@ -200,7 +231,7 @@ PAPER_SETTINGS = {
 }
 
 
-def run_step_only(cfg: str, steps: int, args) -> dict:
+def run_step_only(cfg: str, steps: int, args) -> list[dict]:
     """``optimizer.step()`` alone on seeded random gradients, at the papers' projection intervals.
 
     Without forward/backward a long span is affordable, so the periodic projection
@@ -211,42 +242,39 @@ def run_step_only(cfg: str, steps: int, args) -> dict:
     torch.manual_seed(args.seed)
     base = DetectionModel(cfg, nc=NC)
     runs = {}
-    for name in args.methods:
-        model = copy.deepcopy(base)
-        params = [p for p in model.parameters() if p.requires_grad]
-        kw = {**method_settings(args)[base_method(name)], **PAPER_SETTINGS[base_method(name)]}
-        runs[name] = {"params": params, "opt": build_optimizer(base_method(name), params, lr=1e-5, **kw), "t": [], "kw": kw}
+    for fmt in args.memory_format:
+        for name in args.methods:
+            model = in_format(copy.deepcopy(base), fmt)
+            params = [p for p in model.parameters() if p.requires_grad]
+            kw = {**method_settings(args)[base_method(name)], **PAPER_SETTINGS[base_method(name)]}
+            runs[fmt, name] = {"params": params, "opt": build_optimizer(base_method(name), params, lr=1e-5, **kw), "t": [], "kw": kw}
     gen = torch.Generator().manual_seed(args.seed)
-    names = list(args.methods)
+    order = list(runs)
     for i in tqdm(range(steps), desc=f"step-only {cfg}", disable=args.quiet):
         grads = None
-        for name in names[i % len(names):] + names[: i % len(names)]:
-            r = runs[name]
+        for key in order[i % len(order):] + order[: i % len(order)]:
+            r = runs[key]
             if grads is None:
                 grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in r["params"]]
             for p, g in zip(r["params"], grads):
-                p.grad = g.clone()
+                p.grad = grad_like(p, g)
             t0 = time.perf_counter()
             r["opt"].step()
             r["t"].append(time.perf_counter() - t0)
-    return {
-        "model": cfg,
-        "steps": steps,
-        "load_start": load_start,
-        "load_end": load_average(),
-        "methods": {
-            n: {"step_median_s": statistics.median(r["t"]), "step_mean_s": statistics.fmean(r["t"]), "settings": r["kw"],
-                "state_bytes": optimizer_state_bytes(r["opt"])}
-            for n, r in runs.items()
-        },
-    }  # fmt: skip
+    cell = {"model": cfg, "steps": steps, "load_start": load_start, "load_end": load_average()}
+
+    def summarise(r: dict) -> dict:
+        return {"step_median_s": statistics.median(r["t"]), "step_mean_s": statistics.fmean(r["t"]), "settings": r["kw"],
+                "state_bytes": optimizer_state_bytes(r["opt"])}  # fmt: skip
+
+    return [{**cell, **res} for res in by_format(runs, args.memory_format, summarise)]
 
 
 def step_only_table(res: dict) -> str:
     m = res["methods"]
     ref = m["adamw"]
     lines = [
-        f"**optimizer.step() alone, {res['model']}, {res['steps']} steps on random gradients, paper intervals** "
+        f"**optimizer.step() alone, {res['model']}{_format_label(res)}, {res['steps']} steps on random gradients, paper intervals** "
         f"(COAP {json.dumps(PAPER_SETTINGS['coap'])}, GaLore {json.dumps(PAPER_SETTINGS['galore'])}); {_load(res)}",
         "",
         "| method | median ms | mean ms | median vs AdamW | mean vs AdamW |",
@@ -265,11 +293,45 @@ def _ratio(x: float, ref: float) -> str:
     return f"{x / ref:.2f}×" if ref else "n/a"
 
 
+def _format_label(res: dict) -> str:
+    fmt = res.get("memory_format")  # absent in results saved before the option existed
+    return f", {fmt.replace('_', '-')}" if fmt else ""
+
+
+def format_table(results: list[dict], key: str, title: str) -> str:
+    """Each method's ``key`` time vs AdamW in every memory format, side by side, and the same method's
+    channels-last time against its NCHW time (cells measured with both formats only)."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for res in results:
+        if res.get("memory_format"):
+            cells.setdefault((res["model"], res.get("imgsz"), res["steps"]), {})[res["memory_format"]] = res["methods"]
+    cells = {c: f for c, f in cells.items() if set(f) == set(MEMORY_FORMATS)}
+    if not cells:
+        return ""
+    lines = [
+        f"**{title}: channels-last against contiguous (NCHW), same process, interleaved**",
+        "",
+        "| cell | method | vs AdamW, channels-last | vs AdamW, NCHW | channels-last / NCHW, same method |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for (model, imgsz, steps), fmts in cells.items():
+        cl, nchw = fmts["channels_last"], fmts["contiguous"]
+        where = f"{model}@{imgsz} ({steps} steps)" if imgsz else f"{model} ({steps} steps)"
+        for name in cl:
+            if key not in cl[name] or cl[name][key] is None:
+                continue
+            lines.append(
+                f"| {where} | {name} | {_ratio(cl[name][key], cl['adamw'][key])} | {_ratio(nchw[name][key], nchw['adamw'][key])} "
+                f"| {_ratio(cl[name][key], nchw[name][key])} |"
+            )
+    return "\n".join(lines)
+
+
 def grid_table(res: dict) -> str:
     m = res["methods"]
     ref = m["adamw"]
     lines = [
-        f"**{res['model']} @ {res['imgsz']} px** — {res['steps']} steps, batch {res['batch']}; {_load(res)}",
+        f"**{res['model']} @ {res['imgsz']} px{_format_label(res)}** — {res['steps']} steps, batch {res['batch']}; {_load(res)}",
         "",
         "| method | state bytes | state vs AdamW | whole step (median / mean) vs AdamW | optimizer.step() (median / mean) vs AdamW "
         "| forward + backward (median) vs AdamW | whole step without projection moves (median) vs AdamW "
@@ -302,7 +364,7 @@ def curve_table(res: dict, every: int, window: int) -> tuple[str, dict]:
     ref = curves["adamw"]
     idx = list(range(every - 1, res["steps"], every))
     lines = [
-        f"**Loss curve: {res['model']} @ {res['imgsz']} px, {res['steps']} steps, batch {res['batch']}** "
+        f"**Loss curve: {res['model']} @ {res['imgsz']} px{_format_label(res)}, {res['steps']} steps, batch {res['batch']}** "
         f"(loss smoothed over the last {window} steps)",
         "",
         "| step | " + " | ".join(m) + " |",
@@ -325,19 +387,19 @@ def curve_table(res: dict, every: int, window: int) -> tuple[str, dict]:
 LOSS_TOLERANCE = 0.15  # loss after N steps within 15% of AdamW's (relative); see docs/benchmarks/optimizers.md
 
 
-def targets_table(grid: list[dict], curve: dict | None, step_only: list[dict] | None = None) -> str:
+def targets_table(grid: list[dict], curves: list[dict], step_only: list[dict] | None = None) -> str:
     """The targets (issue 14's time goals included), checked against the measurements (met / missed)."""
     rows = []
 
     def add(name, target, value, ok):
         rows.append(f"| {name} | {target} | {value} | {'met' if ok else '**missed**'} |")
 
-    for res in grid + ([curve] if curve else []):
+    for res in grid + curves:
         m = res["methods"]
         if "adamw" not in m:
             continue
         a = m["adamw"]
-        name = f"{res['model']}@{res['imgsz']} ({res['steps']} steps)"
+        name = f"{res['model']}@{res['imgsz']}{_format_label(res)} ({res['steps']} steps)"
         loss_ok = {k: abs(r["loss_final"] / a["loss_final"] - 1) <= LOSS_TOLERANCE for k, r in m.items()}
         for key, label, state_max, step_max, whole_max in (
             ("coap", "COAP", 0.35, 1.5, 1.05),
@@ -371,7 +433,7 @@ def targets_table(grid: list[dict], curve: dict | None, step_only: list[dict] | 
         for key, label, step_max in (("coap", "COAP", 1.5), ("coap8bit", "COAP-8bit", 2.0), ("adamw8bit", "AdamW8bit", 2.0)):
             if a and key in m:
                 r = m[key]
-                add(f"{res['model']} step() alone ({res['steps']} steps)", f"{label} optimizer.step() ≤ {step_max}× AdamW (median)",
+                add(f"{res['model']}{_format_label(res)} step() alone ({res['steps']} steps)", f"{label} optimizer.step() ≤ {step_max}× AdamW (median)",
                     _ratio(r["step_median_s"], a["step_median_s"]), r["step_median_s"] <= step_max * a["step_median_s"])  # fmt: skip
     head = ["| run | target | measured | |", "| --- | --- | ---: | --- |"]
     return "\n".join(["**Targets**", ""] + head + rows)
@@ -385,7 +447,8 @@ def profile_step(spec: str, steps: int, args, top: int = 15) -> str:
 
     name, cfg = spec.split(":")
     torch.manual_seed(args.seed)
-    model = DetectionModel(cfg, nc=NC)
+    fmt = args.memory_format[0]
+    model = in_format(DetectionModel(cfg, nc=NC), fmt)
     params = [p for p in model.parameters() if p.requires_grad]
     kw = {**method_settings(args)[name], **PAPER_SETTINGS[name]}
     if "update_interval" in kw:
@@ -394,7 +457,7 @@ def profile_step(spec: str, steps: int, args, top: int = 15) -> str:
     gen = torch.Generator().manual_seed(args.seed)
     grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]
     for p, g in zip(params, grads):
-        p.grad = g
+        p.grad = grad_like(p, g)
     opt.step()
     opt.step()
     load_start = load_average()
@@ -409,7 +472,7 @@ def profile_step(spec: str, steps: int, args, top: int = 15) -> str:
     start = next(i for i, ln in enumerate(lines) if "ncalls" in ln)
     total = next(ln for ln in lines if "function calls" in ln).strip()
     return "\n".join(
-        [f"**cProfile of {steps} × {name} optimizer.step() on {cfg}** (random gradients, no projection updates; "
+        [f"**cProfile of {steps} × {name} optimizer.step() on {cfg}, {fmt.replace('_', '-')}** (random gradients, no projection updates; "
          f"load average {load_start[0]:.2f}): {total}", "", "```", *lines[start:], "```"]
     )  # fmt: skip
 
@@ -482,8 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", type=Path, default=None, help="re-render a report from --json output, without running")
     ap.add_argument("--profile", default="", help="method:model,... — cProfile of optimizer.step() alone ('' skips it)")
     ap.add_argument("--profile-steps", type=int, default=10)
+    ap.add_argument("--memory-format", default=RECIPE_CPU_FORMAT,
+                    help=f"{' or '.join(MEMORY_FORMATS)}, or both comma-separated (each method then runs in each, "
+                         f"interleaved); default: the recipe's on the CPU ({RECIPE_CPU_FORMAT})")  # fmt: skip
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    args.memory_format = [f.strip() for f in args.memory_format.split(",")]
+    for fmt in args.memory_format:
+        if fmt not in MEMORY_FORMATS:
+            ap.error(f"--memory-format {fmt!r}: choose from {', '.join(MEMORY_FORMATS)}")
     for flag, path in (("--out", args.out), ("--json", args.json)):
         if path is not None and path.is_dir():  # checked before minutes of measuring, not after
             ap.error(f"{flag} {path} is a folder; give a file path such as {path / ('report.md' if flag == '--out' else 'results.json')}")
@@ -494,21 +564,22 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/optimizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
-        grid, curve, elapsed = saved["grid"], saved["curve"], saved.get("elapsed_s", 0.0)
+        grid, curves, elapsed = saved["grid"], saved["curve"], saved.get("elapsed_s", 0.0)
+        curves = [curves] if isinstance(curves, dict) else curves or []  # one dict before --memory-format
         step_only = saved.get("step_only", [])
         profiles = saved.get("profiles", [])
         command, when, host = saved.get("command", "?"), saved.get("date", "?"), saved.get("machine", "?")
     else:
         started = time.time()
-        grid = [run_interleaved(c, s, n, args, f"{c}@{s}") for c, s, n in parse_grid(args.grid)] if args.grid else []
-        curve = None
+        grid = [res for c, s, n in (parse_grid(args.grid) if args.grid else []) for res in run_interleaved(c, s, n, args, f"{c}@{s}")]
+        curves = []
         if args.curve:
             c, s, n = parse_grid(args.curve)[0]
-            curve = run_interleaved(c, s, n, args, f"curve {c}@{s}")
+            curves = run_interleaved(c, s, n, args, f"curve {c}@{s}")
         step_only = []
         for item in filter(None, args.step_only.split(",")):
             c, n = item.split(":")
-            step_only.append(run_step_only(c, int(n), args))
+            step_only += run_step_only(c, int(n), args)
         profiles = [profile_step(spec, args.profile_steps, args) for spec in filter(None, args.profile.split(","))]
         elapsed = time.time() - started
         when, host = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine()
@@ -518,15 +589,22 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command.strip()}`  ",
         f"Machine: {host}  ",
         f"Date: {when}, total run time {elapsed / 60:.1f} min  ",
-        f"Data: {next((r['data'] for r in grid + [curve] if r), 'random gradients only')}  ",
+        f"Data: {next((r['data'] for r in grid + curves), 'random gradients only')}  ",
+        f"Memory format of the models: {', '.join(args.memory_format)} (the recipe trains {RECIPE_CPU_FORMAT} on the CPU; "
+        f"weights converted as the recipe does, input batches stay NCHW as there)  ",
         f"Settings: lr {args.lr}, weight decay {args.weight_decay}, batch {args.batch}, seed {args.seed}; "
         f"methods interleaved in one process, order rotating each step; "
         f"COAP/COAP-8bit {json.dumps(method_settings(args)['coap'])}; GaLore {json.dumps(method_settings(args)['galore'])}.",
         "",
     ]
+    for key, title in (("step_median_s", "optimizer.step() median"), ("whole_steady_median_s", "whole step, median of steps without projection moves")):
+        for results, label in ((grid, "grid"), (step_only, "step() alone")):
+            text = format_table(results, key, f"{title}, {label}") if results and key in results[0]["methods"]["adamw"] else ""
+            if text:
+                parts += [text, ""]
     for res in grid:
         parts += [grid_table(res), ""]
-    if curve is not None:
+    for curve in curves:
         text, _ = curve_table(curve, every=max(1, curve["steps"] // 10), window=20)
         parts += [text, ""]
         parts += [grid_table(curve), ""]
@@ -534,13 +612,13 @@ def main(argv: list[str] | None = None) -> int:
         parts += [step_only_table(res), ""]
     for text in profiles:
         parts += [text, ""]
-    parts += [targets_table(grid, curve, step_only), "", NOTES]
+    parts += [targets_table(grid, curves, step_only), "", NOTES]
     report = "\n".join(parts)
     print(report)
     if args.out:
         atomic_write_text(args.out, report + "\n")
     if args.json and not args.from_json:
-        saved = {"command": command.strip(), "date": when, "machine": host, "elapsed_s": elapsed, "grid": grid, "curve": curve,
+        saved = {"command": command.strip(), "date": when, "machine": host, "elapsed_s": elapsed, "grid": grid, "curve": curves,
                  "step_only": step_only, "profiles": profiles}
         atomic_write_text(args.json, json.dumps(saved, indent=1))
     return 0

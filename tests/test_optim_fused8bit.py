@@ -144,8 +144,8 @@ def test_fused_optimizer_tracks_the_torch_path(monkeypatch, make):
 
 
 def test_channels_last_parameters_and_gradients_agree_with_contiguous_ones():
-    """The kernel reads a channels-last gradient in the codes' (logical) order and returns the update for the
-    parameter it cannot write in place."""
+    """The kernel reads a channels-last gradient and writes the channels-last parameter in the codes' (logical)
+    order (same gradients, bit for bit: tests/test_optim_channels_last.py)."""
     torch.manual_seed(0)
     a = TinyNet()
     b = clone_model(a).to(memory_format=torch.channels_last)

@@ -7,7 +7,7 @@
   from torch's, so a code may land one level over at a rounding boundary (counted, bounded)
   and parameters agree to float tolerance;
 * projected weights: back-projection, weight decay and the add in one GEMM equal
-  the unfused update; weights that cannot take it (channels-last) agree.
+  the unfused update, for channels-last kernels too (tests/test_optim_channels_last.py).
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def test_fused_back_projection_equals_back_projection_then_decay_and_add():
     torch.testing.assert_close(proj.tucker_project(conv, u0, u1), torch.einsum("oikl,or,is->rskl", conv, u0, u1))
 
 
-def test_channels_last_weights_take_the_unfused_path_and_agree():
+def test_channels_last_weights_agree_through_forward_and_backward():
     torch.manual_seed(0)
     a = TinyNet()
     b = clone_model(a).to(memory_format=torch.channels_last)

@@ -112,15 +112,51 @@ def _step(m, v, target, step_size, bias_correction2, eps, decay, apply_to_target
 
 
 @njit(cache=True, error_model="numpy")
+def _offsets(lo, shape, strides, out):  # pragma: no cover - compiled
+    """``out[j]``: where value ``lo + j`` in logical (row-major) order of a 4-D ``shape`` with ``strides`` lies in memory."""
+    r, i3 = divmod(lo, shape[3])
+    r, i2 = divmod(r, shape[2])
+    i0, i1 = divmod(r, shape[1])
+    for j in range(out.size):
+        out[j] = i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3]
+        i3 += 1
+        if i3 == shape[3]:
+            i3 = 0
+            i2 += 1
+            if i2 == shape[2]:
+                i2 = 0
+                i1 += 1
+                if i1 == shape[1]:
+                    i1 = 0
+                    i0 += 1
+
+
+@njit(cache=True, error_model="numpy")
+def _gather(x, offsets, out):  # pragma: no cover - compiled
+    for j in range(out.size):
+        out[j] = x[offsets[j]]
+
+
+@njit(cache=True, error_model="numpy")
+def _scatter(x, offsets, out):  # pragma: no cover - compiled
+    for j in range(x.size):
+        out[offsets[j]] = x[j]
+
+
+@njit(cache=True, error_model="numpy")
 def adam_8bit_blocks(
     grad, m_codes, m_absmax, v_codes, v_absmax, m_float, target,
     m_table, v_table, m_grid, v_grid, block_size,
-    beta1, beta2, eps, bias_correction2, step_size, decay, apply_to_target,
+    beta1, beta2, eps, bias_correction2, step_size, decay, apply_to_target, shape, strides,
 ):  # fmt: skip  # pragma: no cover - compiled
     """One Adam step on one tensor's 8-bit moments, block by block, in place.
 
     ``grad`` (float32), ``m_codes`` (int8), ``v_codes`` (uint8), ``target`` (float32) are flat
     and of one length; ``*_absmax`` hold one scale per block (the last block may be short).
+    The codes are in logical (row-major) order. ``grad`` and ``target`` are too when ``shape``
+    is empty; otherwise they hold a tensor in another memory order (channels-last), value
+    ``(i0, i1, i2, i3)`` of the logical 4-D ``shape`` at ``Σ i·strides`` (so each block takes
+    the same values, and the same codes, in either order).
     ``m_float``, when not empty, is the float first moment to start from (a projection
     move decoded and transferred it) instead of ``m_codes``. ``*_table``: code byte → value
     as a fraction of the absmax; ``*_grid``: ``(levels, c)`` of the log grid.
@@ -131,6 +167,10 @@ def adam_8bit_blocks(
     eps, bias_correction2, step_size, decay = _F32(eps), _F32(bias_correction2), _F32(step_size), _F32(decay)
     m_block = np.empty(block_size, np.float32)  # one block's moments in float32, in the cache
     v_block = np.empty(block_size, np.float32)
+    strided = shape.size > 0
+    where = np.empty(block_size if strided else 0, np.int64)  # a block's memory offsets (strided only)
+    g_block = np.empty(block_size if strided else 0, np.float32)  # its gradient and target, gathered
+    t_block = np.empty(block_size if strided else 0, np.float32)
     for lo in range(0, grad.size, block_size):
         hi = min(lo + block_size, grad.size)  # the last block may be short
         b = lo // block_size
@@ -140,10 +180,21 @@ def adam_8bit_blocks(
         else:
             _decode(m_codes[lo:hi], m_table, m_absmax[b], m)
         _decode(v_codes[lo:hi], v_table, v_absmax[b], v)
-        _moments(grad[lo:hi], m, v, w1, beta2, w2)
+        offsets = where[: hi - lo]
+        if strided:
+            g, t = g_block[: hi - lo], t_block[: hi - lo]
+            _offsets(lo, shape, strides, offsets)
+            _gather(grad, offsets, g)
+            if apply_to_target:
+                _gather(target, offsets, t)
+        else:
+            g, t = grad[lo:hi], target[lo:hi]
+        _moments(g, m, v, w1, beta2, w2)
         m_absmax[b] = _encode(m, m_codes[lo:hi], m_grid, True)
         v_absmax[b] = _encode(v, v_codes[lo:hi], v_grid, False)
-        _step(m, v, target[lo:hi], step_size, bias_correction2, eps, decay, apply_to_target)
+        _step(m, v, t, step_size, bias_correction2, eps, decay, apply_to_target)
+        if strided:
+            _scatter(t, offsets, target)
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,6 +208,16 @@ def coding() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 _EMPTY = np.empty(0, np.float32)
+_FLAT = np.empty(0, np.int64)
+
+
+def in_memory_order(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``t``'s values as they lie in memory (a flat view) and, unless that is row-major, its shape and
+    strides (:func:`adam_8bit_blocks`' ``shape`` and ``strides``); ``t`` is row-major or channels-last."""
+    if t.is_contiguous():
+        return t.view(-1).numpy(), _FLAT, _FLAT
+    flat = t.as_strided((t.numel(),), (1,))  # channels-last is dense: its memory holds exactly its values
+    return flat.numpy(), np.array(t.shape, np.int64), np.array(t.stride(), np.int64)
 
 
 def adam_8bit_(
@@ -165,15 +226,20 @@ def adam_8bit_(
 ) -> None:  # fmt: skip
     """Adam on ``state``'s 8-bit moments with ``grad`` (CPU tensors; codes and scales updated in place).
 
-    ``target`` (contiguous float32 of ``grad``'s size): the parameter, updated as
+    ``target`` (float32 of ``grad``'s shape, contiguous or channels-last): the parameter, updated as
     ``decay·p + step_size·m̂/(√v̂+eps)`` when ``apply_to_target``, else overwritten with the update.
+    The codes hold the values in logical (row-major) order whatever ``target``'s memory order, so
+    a state is the same, and resumes the same, for a channels-last or a contiguous parameter.
     """
     m_table, v_table, m_grid, v_grid = coding()
+    if not (grad.is_contiguous() and target.is_contiguous()) and grad.stride() != target.stride():
+        grad = torch.empty_like(target).copy_(grad)  # one memory order for both (the kernel walks them together)
+    target_flat, shape, strides = in_memory_order(target)
     adam_8bit_blocks(
-        grad.contiguous().view(-1).numpy(),
+        in_memory_order(grad)[0],
         state["exp_avg"].view(-1).numpy(), state["exp_avg_absmax"].numpy(),
         state["exp_avg_sq"].view(-1).numpy(), state["exp_avg_sq_absmax"].numpy(),
         _EMPTY if m_float is None else m_float.contiguous().view(-1).numpy(),
-        target.view(-1).numpy(), m_table, v_table, m_grid, v_grid, block_size,
-        beta1, beta2, eps, math.sqrt(1 - beta2**step), step_size, decay, apply_to_target,
+        target_flat, m_table, v_table, m_grid, v_grid, block_size,
+        beta1, beta2, eps, math.sqrt(1 - beta2**step), step_size, decay, apply_to_target, shape, strides,
     )  # fmt: skip

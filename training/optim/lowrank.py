@@ -72,6 +72,11 @@ class FusedMoments:
                 s[key] = s[key].contiguous()
         self._m: dict[int, torch.Tensor] = {}  # decoded first moments, once asked for
 
+    @staticmethod
+    def updates_in_place(p: torch.Tensor) -> bool:
+        """Whether the kernel writes ``p`` where it lies: float32, row-major or channels-last (the recipe's CPU layout)."""
+        return p.dtype == torch.float32 and (p.is_contiguous() or proj.is_channels_last(p))
+
     def first_moment(self, i: int) -> torch.Tensor:
         """Tensor ``i``'s float32 first moment; writes to it (a moment transfer) go into this step's update."""
         if i not in self._m:
@@ -127,6 +132,11 @@ class PackedMoments:
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, self.block_size)
+
+    @staticmethod
+    def updates_in_place(p: torch.Tensor) -> bool:
+        """Whether :meth:`adam` writes ``p`` in place: float32 and row-major (its rows are views)."""
+        return p.dtype == torch.float32 and p.is_contiguous()
 
     def first_moment(self, i: int) -> torch.Tensor:
         """Tensor ``i``'s float32 first moment; writes to it (a moment transfer) go into this step's update."""
@@ -356,7 +366,10 @@ class ProjectedAdamW(Optimizer):
             shape = (info[0], info[1], *p.shape[2:])
         state["rng_seed"] = int(group["seed"]) * 1_000_003 + self._param_index(p)
         state["rng_calls"] = 0
-        zeros = [torch.zeros(shape, dtype=torch.float32, device=p.device) for _ in range(2)]
+        if kind == "adam" and not group["eight_bit"]:  # in p's memory format: the update's operands share strides
+            zeros = [torch.zeros_like(p, dtype=torch.float32) for _ in range(2)]
+        else:  # 8-bit codes keep the logical order, whatever p's layout (one state for either)
+            zeros = [torch.zeros(shape, dtype=torch.float32, device=p.device) for _ in range(2)]
         self._store_moments([state], [zeros[0]], [zeros[1]], group)
 
     def _generator(self, state: dict[str, Any]) -> torch.Generator:
@@ -419,8 +432,8 @@ class ProjectedAdamW(Optimizer):
         """``p ← decay·p + back(update)`` for every parameter.
 
         A float32 projected weight takes one GEMM (back-projection, decay and add in
-        one, no full-size temporary); the rest (``adam`` layout, other dtypes) takes
-        foreach multiply-adds over the list.
+        one, no full-size temporary), a Tucker one also when stored channels-last; the
+        rest (``adam`` layout, other dtypes and layouts) takes foreach multiply-adds over the list.
         """
         plain, plain_updates = [], []
         for p, u, st, (kind, info) in zip(params, updates, states, kinds):
@@ -429,11 +442,10 @@ class ProjectedAdamW(Optimizer):
             if kind == "adam":
                 plain.append(p)
                 plain_updates.append(u)
-            elif p.dtype == torch.float32 and p.is_contiguous():
-                if kind == "matrix":
-                    proj.matrix_back_add_(p.view(p.shape[0], -1), u, st["proj"], decay, transposed=info[3])
-                else:
-                    proj.tucker_back_add_(p, u, st["proj_out"], st["proj_in"], decay)
+            elif p.dtype == torch.float32 and kind == "matrix" and p.is_contiguous():
+                proj.matrix_back_add_(p.view(p.shape[0], -1), u, st["proj"], decay, transposed=info[3])
+            elif p.dtype == torch.float32 and kind == "tucker" and (p.is_contiguous() or proj.is_channels_last(p)):
+                proj.tucker_back_add_(p, u, st["proj_out"], st["proj_in"], decay)
             else:
                 plain.append(p)
                 plain_updates.append(self._back(p, u, st, kind, info))
@@ -492,10 +504,7 @@ class ProjectedAdamW(Optimizer):
         decay = 1 - lr * wd
         # Adam on the (projected) gradients, all tensors of the group at once: update = step_size·m / (√v̂ + eps)
         if moments8 is not None:  # plain float32 parameters are updated inside (None in updates)
-            direct = [
-                p if kind == "adam" and p.dtype == torch.float32 and p.is_contiguous() else None
-                for p, (kind, _) in zip(params, kinds)
-            ]
+            direct = [p if kind == "adam" and moments8.updates_in_place(p) else None for p, (kind, _) in zip(params, kinds)]
             updates = moments8.adam(grads, steps, step_sizes, direct, decay, beta1, beta2, eps)
         else:
             ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
@@ -518,9 +527,14 @@ class ProjectedAdamW(Optimizer):
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         by_id = dict(zip(ids, params))
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
         for key, value in saved.items():
             p = by_id[key]
             self.state[p] = {
                 k: (v.clone() if k == "step" else v.to(device=p.device, copy=True)) if torch.is_tensor(v) else v
                 for k, v in value.items()
             }
+            group = group_of[p]
+            if self.layout(p, group)[0] == "adam" and not group["eight_bit"]:  # float moments follow p's memory format
+                for k in ("exp_avg", "exp_avg_sq"):
+                    self.state[p][k] = torch.empty_like(p, dtype=torch.float32).copy_(self.state[p][k])
