@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from models.images import read_rgb, to_rgb8
+from models.images import read_rgb, to_rgb8, upright
 from models.errors import CheckpointError, DataError
 from models.processing import postprocess, preprocess
 
@@ -40,7 +40,10 @@ class Detection:
 
 
 def load_image(image: Any) -> np.ndarray:
-    """An RGB HWC uint8 array from an array (RGB; gray and RGBA accepted), a PIL image or a file path."""
+    """An RGB HWC uint8 array from an array (RGB; gray and RGBA accepted), a PIL image or a file path.
+
+    Images and files come upright (their EXIF orientation applied), as OpenCV and ultralytics read them.
+    """
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
@@ -53,8 +56,8 @@ def load_image(image: Any) -> np.ndarray:
             return read_rgb(path)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"cannot decode {path} as an image ({exc}); pass a JPEG/PNG file or an RGB array") from None
-    if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
-        return to_rgb8(image)
+    if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image: upright, as ultralytics' predictor takes it
+        return to_rgb8(upright(image))
     if not isinstance(image, np.ndarray):
         raise DataError(f"expected an RGB numpy array, a PIL image or a path, got {type(image).__name__}")
     if image.ndim == 2:

@@ -4,7 +4,8 @@ The header is read first: the pixel count is checked before a single pixel is
 decoded, so a decompression bomb costs nothing. The decode itself is size-aware
 (``models.images.decode_reduced``): a frame much larger than the model's input is
 decoded at reduced scale (JPEG) or box-reduced right after decoding (other
-formats), before any float conversion. :class:`DecodeBudget` bounds the decoded
+formats), before any float conversion, and turned upright by its EXIF orientation
+(as browsers and OpenCV show it). :class:`DecodeBudget` bounds the decoded
 bytes all requests hold at once. Formats are restricted to the common raster
 ones so that no exotic decoder runs on untrusted bytes.
 """
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from models.errors import DataError
-from models.images import MODE_BYTES, decode_reduced, pil_open
+from models.images import MODE_BYTES, decode_reduced, exif_orientation, pil_open
 from service.core.errors import NotReadyError, PayloadTooLargeError, UnsupportedMediaError
 
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
@@ -60,7 +61,8 @@ class DecodeBudget:
 
 @dataclass
 class Decoded:
-    """A decoded frame: ``rgb`` (maybe reduced), the file's ``width`` x ``height``, and the scale back to it."""
+    """A decoded frame as shown (EXIF orientation applied): ``rgb`` (maybe reduced), the file's ``width`` x
+    ``height`` as shown (swapped for a quarter turn), and the scale from ``rgb``'s pixels back to them."""
 
     rgb: np.ndarray
     width: int
@@ -97,30 +99,38 @@ def _open(data: bytes, max_bytes: int, max_pixels: int):
 
 
 def decode_cost(img, target: int | None) -> int:
-    """Upper bound of the bytes decoding ``img`` holds at once (the decoded frame and its RGB copy)."""
+    """Upper bound of the bytes decoding ``img`` holds at once (the decoded frame and its RGB copy).
+
+    A frame turned by its EXIF orientation holds one more decoded frame (the turned copy) until it is converted;
+    a PNG whose EXIF chunk comes after its pixels is not counted so.
+    """
     width, height = img.size
     if target and img.format == "JPEG" and max(width, height) >= 2 * target:
         scale = min(8, max(1, min(width, height) // target))
         scale = 1 << (scale.bit_length() - 1)  # the decoder's 1/2, 1/4, 1/8
         width, height = -(-width // scale), -(-height // scale)
-    return width * height * (MODE_BYTES.get(img.mode, 4) + 4)
+    frame = MODE_BYTES.get(img.mode, 4)
+    # a PNG's EXIF chunk may follow its pixels, and Pillow would decode them (outside this budget) to find it
+    header_tells = img.format != "PNG" or "exif" in img.info
+    turned = frame if header_tells and exif_orientation(img) != 1 else 0
+    return width * height * (frame + turned + 4)
 
 
 def decode_upload(
     data: bytes, max_bytes: int, max_pixels: int, target: int | None = None, budget: DecodeBudget | None = None
 ) -> Decoded:
-    """Bytes of a JPEG / PNG / BMP / WebP / TIFF -> :class:`Decoded` (first frame, pixel order as stored).
+    """Bytes of a JPEG / PNG / BMP / WebP / TIFF -> :class:`Decoded` (first frame, upright as its EXIF says).
 
-    With ``target`` (the model's input size) large frames come back reduced; ``scale`` maps them back.
+    With ``target`` (the model's input size) large frames come back reduced; ``scale`` maps them back to
+    the upright frame the user sees, so boxes land where a browser draws the picture.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = _open(data, max_bytes, max_pixels)
-        width, height = img.size
         reserve = budget.reserve(decode_cost(img, target)) if budget is not None else _nothing()
         with reserve:
             try:
-                rgb, scale = decode_reduced(img, target)
+                rgb, (width, height), scale = decode_reduced(img, target)
             except Image.DecompressionBombError:
                 raise PayloadTooLargeError(
                     f"the image has too many pixels (limit {max_pixels}); send a smaller frame") from None
@@ -137,5 +147,5 @@ def _nothing() -> Iterator[None]:
 
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """Bytes of an image -> HxWx3 uint8 RGB at full size (16-bit and float images scaled to 8 bits)."""
+    """Bytes of an image -> HxWx3 uint8 RGB at full size, upright (16-bit and float images scaled to 8 bits)."""
     return decode_upload(data, max_bytes, max_pixels).rgb

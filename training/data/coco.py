@@ -16,7 +16,7 @@ import numpy as np
 
 from models.errors import DataError
 from models.io import atomic_write_json
-from models.images import pil_open
+from models.images import pil_open, upright_size
 from training.data.dataset import DataProblem, DetectionDataset, Record, check_image
 
 
@@ -67,8 +67,8 @@ class CocoDataset(DetectionDataset):
             W, H = float(im.get("width") or 0), float(im.get("height") or 0)
             if (not W or not H) and not found:  # sizes are optional in some exports: read the header
                 try:
-                    with pil_open(im_file) as pil:
-                        W, H = float(pil.size[0]), float(pil.size[1])
+                    with pil_open(im_file) as pil:  # as shown: boxes are in the EXIF-upright frame
+                        W, H = (float(v) for v in upright_size(pil))
                 except (OSError, SyntaxError, ValueError) as exc:
                     found.append(DataProblem(str(im_file), 0, f"image cannot be decoded ({exc}); replace or remove it"))
             cls, boxes = [], []
@@ -105,7 +105,7 @@ def write_coco(dataset: DetectionDataset, out: str | Path, *, image_root: str | 
     anns: list[dict[str, Any]] = []
     for i, r in enumerate(dataset.records):
         with pil_open(r.im_file) as im:
-            w, h = im.size
+            w, h = upright_size(im)  # the frame the boxes are in
         try:
             name = str(Path(r.im_file).resolve().relative_to(root.resolve()))
         except ValueError:
