@@ -98,12 +98,8 @@ function drawBitmap(source, width, height) {
 }
 
 async function decodeImage(blob) {
-  // The service reads pixels as stored (no EXIF rotation): show the frame the model sees.
-  try {
-    return await createImageBitmap(blob, { imageOrientation: "none" });
-  } catch (_) {
-    return await createImageBitmap(blob);
-  }
+  // The service applies the EXIF orientation (as browsers do by default): draw the upright frame its boxes are on.
+  return await createImageBitmap(blob, { imageOrientation: "from-image" });
 }
 
 async function showFile(file) {
