@@ -502,6 +502,10 @@ NOTES = """**How to read this**
   moves* is the median over the steps on which neither COAP nor GaLore moves its projection: the median
   over all steps mixes ordinary steps with the (several times longer) moving ones, one in `update_interval`.
 - The fused 8-bit kernel runs on one thread (numba, serial), as the torch ops here do with `--threads 1`.
+- Memory format: models are converted as the recipe converts them on the CPU (channels-last weights; input
+  batches stay NCHW, a convolution's output follows its weight). With `--memory-format channels_last,contiguous`
+  every method runs in both, interleaved in one process; *channels-last / NCHW, same method* compares a method
+  with itself (AdamW's own ratio there is the layout's effect on torch's AdamW, its A/A copy the noise).
 """
 
 

@@ -126,23 +126,27 @@ def test_a_checkpoint_resumes_exactly_in_the_other_layout(case, saved_in, resume
     _assert_same(whole, resumed, case, exact=case in ELEMENTWISE)
 
 
-@pytest.mark.parametrize("apply_to_target", [True, False], ids=["parameter", "update"])
-def test_kernel_walks_a_channels_last_tensor_in_logical_order(apply_to_target):
-    """The strided kernel gives the codes, scales and values of the row-major one, bit for bit."""
+@pytest.mark.parametrize("shape", [(6, 20, 3, 3), (16, 3, 3, 3), (12, 80, 3, 3)], ids=["ragged", "rgb-input", "lcm-unit"])
+def test_kernel_updates_a_channels_last_tensor_in_its_memory_order(shape):
+    """The channels-last kernel (codes in the parameter's memory order, blocks in logical order) gives the
+    codes, scales and values of the row-major one, bit for bit: blocks across output channels, a short
+    last block, units of several output channels (80·9 values: units of lcm(720, 64) = 2880)."""
     gen = torch.Generator().manual_seed(0)
-    shape, bs = (6, 20, 3, 3), 64  # 1080 values: a short last block, blocks across output channels
+    bs = 64
     grad, param = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    blocks = -(-grad.numel() // bs)
     results = []
     for fmt in (torch.contiguous_format, torch.channels_last):
-        state = {"exp_avg": torch.zeros(shape, dtype=torch.int8), "exp_avg_absmax": torch.zeros(17),
-                 "exp_avg_sq": torch.ones(shape, dtype=torch.uint8), "exp_avg_sq_absmax": torch.zeros(17)}  # fmt: skip
-        g = grad.clone(memory_format=fmt)
-        target = param.clone(memory_format=fmt) if apply_to_target else torch.empty_like(g)
-        for step in (1, 2):
-            fused8bit.adam_8bit_(state, g, target, None, bs, 0.9, 0.999, 1e-8, step, -1e-2, 0.999, apply_to_target)
+        state = {"exp_avg": torch.zeros(shape, dtype=torch.int8).contiguous(memory_format=fmt),
+                 "exp_avg_absmax": torch.zeros(blocks),
+                 "exp_avg_sq": torch.ones(shape, dtype=torch.uint8).contiguous(memory_format=fmt),
+                 "exp_avg_sq_absmax": torch.zeros(blocks)}  # fmt: skip
+        g, target = grad.clone(memory_format=fmt), param.clone(memory_format=fmt)
+        for step in (1, 2, 3):
+            fused8bit.adam_8bit_(state, g * step, target, None, bs, 0.9, 0.999, 1e-8, step, -1e-2, 0.999, True)
         results.append((state, target))
     (s_nchw, t_nchw), (s_cl, t_cl) = results
-    assert proj.is_channels_last(t_cl)
+    assert proj.is_channels_last(t_cl) and proj.is_channels_last(s_cl["exp_avg"])
     assert torch.equal(t_nchw, t_cl)
     for key, value in s_nchw.items():
         assert torch.equal(value, s_cl[key]), key

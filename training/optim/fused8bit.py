@@ -84,13 +84,18 @@ def _moments(grad, m, v, w1, beta2, w2):  # pragma: no cover - compiled
         v[j] = v[j] * beta2 + w2 * g * g
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _offset(top, grid):  # pragma: no cover - compiled
+    """The block maximum lands on the top level: ``offset = levels + ½ − c·log2(absmax)``."""
+    return _F32(grid[0] + 0.5) - _F32(grid[1]) * _log2(max(top, _TINY))
+
+
 @njit(cache=True, error_model="numpy")
 def _encode(x, codes, grid, signed):  # pragma: no cover - compiled
     """Codes of ``x`` on the log grid ``(levels, c)``; returns the absmax (:func:`quant8.encode_blocks`)."""
     levels, c = grid[0], _F32(grid[1])
     top = _absmax(x)
-    # the block maximum lands on the top level: offset = levels + ½ − c·log2(absmax)
-    offset = _F32(levels + 0.5) - c * _log2(max(top, _TINY))
+    offset = _offset(top, grid)
     if signed:
         for j in range(x.size):
             k = np.int32(_level(abs(x[j]), offset, c, 0, levels))
@@ -112,51 +117,15 @@ def _step(m, v, target, step_size, bias_correction2, eps, decay, apply_to_target
 
 
 @njit(cache=True, error_model="numpy")
-def _offsets(lo, shape, strides, out):  # pragma: no cover - compiled
-    """``out[j]``: where value ``lo + j`` in logical (row-major) order of a 4-D ``shape`` with ``strides`` lies in memory."""
-    r, i3 = divmod(lo, shape[3])
-    r, i2 = divmod(r, shape[2])
-    i0, i1 = divmod(r, shape[1])
-    for j in range(out.size):
-        out[j] = i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3]
-        i3 += 1
-        if i3 == shape[3]:
-            i3 = 0
-            i2 += 1
-            if i2 == shape[2]:
-                i2 = 0
-                i1 += 1
-                if i1 == shape[1]:
-                    i1 = 0
-                    i0 += 1
-
-
-@njit(cache=True, error_model="numpy")
-def _gather(x, offsets, out):  # pragma: no cover - compiled
-    for j in range(out.size):
-        out[j] = x[offsets[j]]
-
-
-@njit(cache=True, error_model="numpy")
-def _scatter(x, offsets, out):  # pragma: no cover - compiled
-    for j in range(x.size):
-        out[offsets[j]] = x[j]
-
-
-@njit(cache=True, error_model="numpy")
 def adam_8bit_blocks(
     grad, m_codes, m_absmax, v_codes, v_absmax, m_float, target,
     m_table, v_table, m_grid, v_grid, block_size,
-    beta1, beta2, eps, bias_correction2, step_size, decay, apply_to_target, shape, strides,
+    beta1, beta2, eps, bias_correction2, step_size, decay, apply_to_target,
 ):  # fmt: skip  # pragma: no cover - compiled
     """One Adam step on one tensor's 8-bit moments, block by block, in place.
 
     ``grad`` (float32), ``m_codes`` (int8), ``v_codes`` (uint8), ``target`` (float32) are flat
     and of one length; ``*_absmax`` hold one scale per block (the last block may be short).
-    The codes are in logical (row-major) order. ``grad`` and ``target`` are too when ``shape``
-    is empty; otherwise they hold a tensor in another memory order (channels-last), value
-    ``(i0, i1, i2, i3)`` of the logical 4-D ``shape`` at ``Σ i·strides`` (so each block takes
-    the same values, and the same codes, in either order).
     ``m_float``, when not empty, is the float first moment to start from (a projection
     move decoded and transferred it) instead of ``m_codes``. ``*_table``: code byte → value
     as a fraction of the absmax; ``*_grid``: ``(levels, c)`` of the log grid.
@@ -167,10 +136,6 @@ def adam_8bit_blocks(
     eps, bias_correction2, step_size, decay = _F32(eps), _F32(bias_correction2), _F32(step_size), _F32(decay)
     m_block = np.empty(block_size, np.float32)  # one block's moments in float32, in the cache
     v_block = np.empty(block_size, np.float32)
-    strided = shape.size > 0
-    where = np.empty(block_size if strided else 0, np.int64)  # a block's memory offsets (strided only)
-    g_block = np.empty(block_size if strided else 0, np.float32)  # its gradient and target, gathered
-    t_block = np.empty(block_size if strided else 0, np.float32)
     for lo in range(0, grad.size, block_size):
         hi = min(lo + block_size, grad.size)  # the last block may be short
         b = lo // block_size
@@ -180,21 +145,96 @@ def adam_8bit_blocks(
         else:
             _decode(m_codes[lo:hi], m_table, m_absmax[b], m)
         _decode(v_codes[lo:hi], v_table, v_absmax[b], v)
-        offsets = where[: hi - lo]
-        if strided:
-            g, t = g_block[: hi - lo], t_block[: hi - lo]
-            _offsets(lo, shape, strides, offsets)
-            _gather(grad, offsets, g)
-            if apply_to_target:
-                _gather(target, offsets, t)
-        else:
-            g, t = grad[lo:hi], target[lo:hi]
-        _moments(g, m, v, w1, beta2, w2)
+        _moments(grad[lo:hi], m, v, w1, beta2, w2)
         m_absmax[b] = _encode(m, m_codes[lo:hi], m_grid, True)
         v_absmax[b] = _encode(v, v_codes[lo:hi], v_grid, False)
-        _step(m, v, t, step_size, bias_correction2, eps, decay, apply_to_target)
-        if strided:
-            _scatter(t, offsets, target)
+        _step(m, v, target[lo:hi], step_size, bias_correction2, eps, decay, apply_to_target)
+
+
+# The channels-last kernel's helpers: as _decode, _absmax and _encode, each value's block looked up.
+@njit(cache=True, error_model="numpy")
+def _decode_at(codes, table, scales, block, out):  # pragma: no cover - compiled
+    as_bytes = codes.view(np.uint8)
+    for j in range(out.size):
+        out[j] = table[as_bytes[j]] * scales[block[j]]
+
+
+@njit(cache=True, error_model="numpy")
+def _absmax_at(x, where):  # pragma: no cover - compiled
+    bits = x.view(np.int32)
+    top = np.int32(0)
+    for j in range(where.size):
+        top = max(top, bits[where[j]] & np.int32(0x7FFFFFFF))
+    return np.int32(top).view(np.float32)
+
+
+@njit(cache=True, error_model="numpy")
+def _encode_at(x, codes, offsets, block, scratch, grid, signed):  # pragma: no cover - compiled
+    levels, c = grid[0], _F32(grid[1])
+    for j in range(x.size):  # each value's offset first: a lookup inside the loop below stops its vectorisation
+        scratch[j] = offsets[block[j]]
+    if signed:
+        for j in range(x.size):
+            k = np.int32(_level(abs(x[j]), scratch[j], c, 0, levels))
+            codes[j] = -k if x[j] < 0 else k
+    else:
+        for j in range(x.size):
+            codes[j] = np.int32(_level(x[j], scratch[j], c, 1, levels))
+
+
+@njit(cache=True, error_model="numpy")
+def adam_8bit_permuted(
+    grad, m_codes, m_absmax, v_codes, v_absmax, target, block_of, position_of,
+    m_table, v_table, m_grid, v_grid, block_size,
+    beta1, beta2, eps, bias_correction2, step_size, decay,
+):  # fmt: skip  # pragma: no cover - compiled
+    """:func:`adam_8bit_blocks` (``apply_to_target``, no float first moment) for a tensor stored in another
+    order than its logical one (channels-last), its blocks still taken in logical order.
+
+    ``grad``, the codes and ``target`` are flat in the tensor's memory order. The tensor is
+    walked in units of ``block_of.size`` values, each a whole number of blocks and of
+    output channels (whose values a channels-last tensor keeps together, only reordered):
+    ``block_of[j]`` is the block (counted from the unit's first) of the value at position
+    ``j`` of a unit, ``position_of[l]`` the position of the unit's ``l``-th value in logical
+    order. Every value meets the arithmetic of :func:`adam_8bit_blocks`, and every block's
+    absmax is the maximum over the same values, so codes, scales and parameters are bit
+    for bit those of the same tensor stored row-major.
+    """
+    w1, beta2, w2 = _F32(1.0 - beta1), _F32(beta2), _F32(1.0 - beta2)
+    eps, bias_correction2, step_size, decay = _F32(eps), _F32(bias_correction2), _F32(step_size), _F32(decay)
+    unit = block_of.size
+    m_unit, v_unit, scratch = np.empty(unit, np.float32), np.empty(unit, np.float32), np.empty(unit, np.float32)
+    blocks = (unit + block_size - 1) // block_size
+    m_off, v_off = np.empty(blocks, np.float32), np.empty(blocks, np.float32)
+    for lo in range(0, grad.size, unit):
+        size = min(unit, grad.size - lo)  # the last unit may hold fewer output channels
+        b0, block = lo // block_size, block_of[:size]
+        m, v = m_unit[:size], v_unit[:size]
+        _decode_at(m_codes[lo : lo + size], m_table, m_absmax[b0:], block, m)
+        _decode_at(v_codes[lo : lo + size], v_table, v_absmax[b0:], block, v)
+        _moments(grad[lo : lo + size], m, v, w1, beta2, w2)
+        for b in range((size + block_size - 1) // block_size):
+            where = position_of[b * block_size : min((b + 1) * block_size, size)]
+            m_absmax[b0 + b], v_absmax[b0 + b] = _absmax_at(m, where), _absmax_at(v, where)
+            m_off[b], v_off[b] = _offset(m_absmax[b0 + b], m_grid), _offset(v_absmax[b0 + b], v_grid)
+        _encode_at(m, m_codes[lo : lo + size], m_off, block, scratch[:size], m_grid, True)
+        _encode_at(v, v_codes[lo : lo + size], v_off, block, scratch[:size], v_grid, False)
+        _step(m, v, target[lo : lo + size], step_size, bias_correction2, eps, decay, True)
+
+
+@functools.lru_cache(maxsize=256)
+def block_map(shape: tuple[int, ...], strides: tuple[int, ...], block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`adam_8bit_permuted`'s ``block_of`` and ``position_of`` for a dense tensor whose first dimension is
+    outermost in memory (channels-last): one unit of whole blocks and whole output channels (or the whole tensor)."""
+    channel = math.prod(shape[1:])
+    assert strides[0] == channel, "each output channel's values must lie together"
+    unit = min(math.lcm(channel, block_size), math.prod(shape))
+    logical = np.arange(unit)
+    # unsigned: numba then indexes without the check for negative indices, which blocks vectorisation
+    position_of = sum(i * s for i, s in zip(np.unravel_index(logical, shape), strides)).astype(np.uint32)
+    block_of = np.empty(unit, np.uint32)
+    block_of[position_of] = logical // block_size
+    return block_of, position_of
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,16 +248,11 @@ def coding() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 _EMPTY = np.empty(0, np.float32)
-_FLAT = np.empty(0, np.int64)
 
 
-def in_memory_order(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``t``'s values as they lie in memory (a flat view) and, unless that is row-major, its shape and
-    strides (:func:`adam_8bit_blocks`' ``shape`` and ``strides``); ``t`` is row-major or channels-last."""
-    if t.is_contiguous():
-        return t.view(-1).numpy(), _FLAT, _FLAT
-    flat = t.as_strided((t.numel(),), (1,))  # channels-last is dense: its memory holds exactly its values
-    return flat.numpy(), np.array(t.shape, np.int64), np.array(t.stride(), np.int64)
+def _memory(t: torch.Tensor) -> np.ndarray:
+    """A dense tensor's values as they lie in memory (flat, no copy)."""
+    return t.as_strided((t.numel(),), (1,)).numpy()
 
 
 def adam_8bit_(
@@ -226,20 +261,26 @@ def adam_8bit_(
 ) -> None:  # fmt: skip
     """Adam on ``state``'s 8-bit moments with ``grad`` (CPU tensors; codes and scales updated in place).
 
-    ``target`` (float32 of ``grad``'s shape, contiguous or channels-last): the parameter, updated as
+    ``target`` (contiguous float32 of ``grad``'s size): the parameter, updated as
     ``decay·p + step_size·m̂/(√v̂+eps)`` when ``apply_to_target``, else overwritten with the update.
-    The codes hold the values in logical (row-major) order whatever ``target``'s memory order, so
-    a state is the same, and resumes the same, for a channels-last or a contiguous parameter.
+    A channels-last parameter (``apply_to_target``, no ``m_float``) is updated in its memory order,
+    its gradient and codes sharing its strides (:func:`adam_8bit_permuted`).
     """
     m_table, v_table, m_grid, v_grid = coding()
-    if not (grad.is_contiguous() and target.is_contiguous()) and grad.stride() != target.stride():
-        grad = torch.empty_like(target).copy_(grad)  # one memory order for both (the kernel walks them together)
-    target_flat, shape, strides = in_memory_order(target)
+    if not target.is_contiguous():
+        assert apply_to_target and m_float is None and grad.stride() == target.stride() == state["exp_avg"].stride()
+        adam_8bit_permuted(
+            _memory(grad), _memory(state["exp_avg"]), state["exp_avg_absmax"].numpy(),
+            _memory(state["exp_avg_sq"]), state["exp_avg_sq_absmax"].numpy(), _memory(target),
+            *block_map(tuple(target.shape), target.stride(), block_size), m_table, v_table, m_grid, v_grid, block_size,
+            beta1, beta2, eps, math.sqrt(1 - beta2**step), step_size, decay,
+        )  # fmt: skip
+        return
     adam_8bit_blocks(
-        in_memory_order(grad)[0],
+        grad.contiguous().view(-1).numpy(),
         state["exp_avg"].view(-1).numpy(), state["exp_avg_absmax"].numpy(),
         state["exp_avg_sq"].view(-1).numpy(), state["exp_avg_sq_absmax"].numpy(),
         _EMPTY if m_float is None else m_float.contiguous().view(-1).numpy(),
-        target_flat, m_table, v_table, m_grid, v_grid, block_size,
-        beta1, beta2, eps, math.sqrt(1 - beta2**step), step_size, decay, apply_to_target, shape, strides,
+        target.view(-1).numpy(), m_table, v_table, m_grid, v_grid, block_size,
+        beta1, beta2, eps, math.sqrt(1 - beta2**step), step_size, decay, apply_to_target,
     )  # fmt: skip

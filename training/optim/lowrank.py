@@ -14,7 +14,9 @@ group's settings (so a resumed or a DDP-replicated optimizer picks the same):
 float tensor, as ``torch.optim.AdamW``), ``exp_avg`` / ``exp_avg_sq`` (float32,
 or int8 / uint8 codes plus ``*_absmax`` block scales when ``eight_bit``),
 ``proj`` (matrix) or ``proj_out`` / ``proj_in`` (Tucker), and the randomised
-SVD's ``rng_seed`` / ``rng_calls``.
+SVD's ``rng_seed`` / ``rng_calls``. A channels-last parameter's float moments (``adam``
+layout) and, on the CPU, its codes are stored channels-last too: the same logical tensors
+(8-bit blocks run over the logical order), so a state loads onto either layout.
 """
 
 from __future__ import annotations
@@ -56,6 +58,17 @@ CHUNK_NUMEL = 1 << 16
 IN_PLACE_NUMEL = 1 << 14
 
 
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.stride() == b.stride() or (a.is_contiguous() and b.is_contiguous())  # (strides of size-1 dims aside)
+
+
+def _laid_out_like(t: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """``t`` (itself when it is already so) in ``like``'s memory format, row-major when ``like`` is None."""
+    if like is None:
+        return t.contiguous()
+    return t if _same_layout(t, like) else torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
 class FusedMoments:
     """The 8-bit moments of a group's CPU tensors for one step, updated tensor by tensor by the fused kernel.
 
@@ -64,11 +77,14 @@ class FusedMoments:
     first moment is decoded in full only when a projection moves (:meth:`first_moment`).
     """
 
-    def __init__(self, states: list[dict[str, Any]], block_size: int):
+    def __init__(self, states: list[dict[str, Any]], block_size: int, direct: list[torch.Tensor | None]):
         self.states = states
         self.block_size = block_size
-        for s in states:  # the kernel writes the codes through flat views (a loaded state may be strided)
-            for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+        for s, p in zip(states, direct):  # the kernel writes the codes through flat views, in the memory order of
+            layout = p if p is not None and proj.is_channels_last(p) else None  # the parameter it updates
+            for key in ("exp_avg", "exp_avg_sq"):
+                s[key] = _laid_out_like(s[key], layout)
+            for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
                 s[key] = s[key].contiguous()
         self._m: dict[int, torch.Tensor] = {}  # decoded first moments, once asked for
 
@@ -92,6 +108,7 @@ class FusedMoments:
         for i, (s, g) in enumerate(zip(self.states, grads)):
             p = direct[i]
             target = p.detach() if p is not None else torch.empty(g.shape, dtype=torch.float32)
+            g = _laid_out_like(g, s["exp_avg"])  # the kernel reads it in the codes' memory order
             adam_8bit_(s, g, target, self._m.get(i), self.block_size, beta1, beta2, eps, steps[i], step_sizes[i],
                        decay, apply_to_target=p is not None)  # fmt: skip
             updates.append(None if p is not None else target)
@@ -111,9 +128,12 @@ class PackedMoments:
     projection moves (:meth:`first_moment`).
     """
 
-    def __init__(self, states: list[dict[str, Any]], block_size: int):
+    def __init__(self, states: list[dict[str, Any]], block_size: int, direct: list[torch.Tensor | None]):
         self.states = states
         self.block_size = block_size
+        for s in states:  # chunks of rows are views of row-major codes (the fused path may have left them channels-last)
+            for key in ("exp_avg", "exp_avg_sq"):
+                s[key] = s[key].contiguous()
         numels = [s["exp_avg"].numel() for s in states]
         self.in_place = [i for i, n in enumerate(numels) if n % block_size == 0 and n >= IN_PLACE_NUMEL]
         taken = set(self.in_place)
@@ -492,9 +512,11 @@ class ProjectedAdamW(Optimizer):
         steps = [int(s) for s in torch.stack(counters).tolist()]
         kinds = [self.layout(p, group) for p in params]
         moments8: FusedMoments | PackedMoments | None = None
-        if group["eight_bit"]:
+        if group["eight_bit"]:  # float32 parameters of the adam layout are updated where they lie (direct)
             on_cpu = FUSED_CPU_STEP and all(p.device.type == "cpu" for p in params)
-            moments8 = (FusedMoments if on_cpu else PackedMoments)(states, group["block_size"])
+            kind8 = FusedMoments if on_cpu else PackedMoments
+            direct = [p if kind == "adam" and kind8.updates_in_place(p) else None for p, (kind, _) in zip(params, kinds)]
+            moments8 = kind8(states, group["block_size"], direct)
         moment = moments8.first_moment if moments8 is not None else (lambda i: states[i]["exp_avg"])
         grads = [
             self._project(p, p.grad.detach().float(), state, group, kind, info, step, functools.partial(moment, i))
@@ -504,7 +526,6 @@ class ProjectedAdamW(Optimizer):
         decay = 1 - lr * wd
         # Adam on the (projected) gradients, all tensors of the group at once: update = step_size·m / (√v̂ + eps)
         if moments8 is not None:  # plain float32 parameters are updated inside (None in updates)
-            direct = [p if kind == "adam" and moments8.updates_in_place(p) else None for p, (kind, _) in zip(params, kinds)]
             updates = moments8.adam(grads, steps, step_sizes, direct, decay, beta1, beta2, eps)
         else:
             ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
