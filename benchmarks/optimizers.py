@@ -587,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         profiles = [profile_step(spec, args.profile_steps, args) for spec in filter(None, args.profile.split(","))]
         elapsed = time.time() - started
         when, host = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine()
+    # (results saved before --memory-format existed were contiguous)
+    formats = list(dict.fromkeys(r.get("memory_format", "contiguous") for r in grid + curves + step_only))
     parts = [
         "# Optimizer benchmark: full fine-tuning of YOLO11 on CPU",
         "",
@@ -594,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {host}  ",
         f"Date: {when}, total run time {elapsed / 60:.1f} min  ",
         f"Data: {next((r['data'] for r in grid + curves), 'random gradients only')}  ",
-        f"Memory format of the models: {', '.join(args.memory_format)} (the recipe trains {RECIPE_CPU_FORMAT} on the CPU; "
+        f"Memory format of the models: {', '.join(formats) or ', '.join(args.memory_format)} (the recipe trains {RECIPE_CPU_FORMAT} on the CPU; "
         f"weights converted as the recipe does, input batches stay NCHW as there)  ",
         f"Settings: lr {args.lr}, weight decay {args.weight_decay}, batch {args.batch}, seed {args.seed}; "
         f"methods interleaved in one process, order rotating each step; "
