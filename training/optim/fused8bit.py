@@ -231,7 +231,9 @@ def block_map(shape: tuple[int, ...], strides: tuple[int, ...], block_size: int)
     unit = min(math.lcm(channel, block_size), math.prod(shape))
     logical = np.arange(unit)
     # unsigned: numba then indexes without the check for negative indices, which blocks vectorisation
-    position_of = sum(i * s for i, s in zip(np.unravel_index(logical, shape), strides)).astype(np.uint32)
+    position_of = np.zeros(unit, np.uint32)
+    for index, stride in zip(np.unravel_index(logical, shape), strides):
+        position_of += (index * stride).astype(np.uint32)
     block_of = np.empty(unit, np.uint32)
     block_of[position_of] = logical // block_size
     return block_of, position_of
