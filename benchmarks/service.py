@@ -96,31 +96,7 @@ def _own_cpu() -> float:
 
 def _run_load(call, seconds: float, concurrency: int) -> dict:
     """``concurrency`` threads calling ``call`` back to back for ``seconds``; throughput, latency, own CPU."""
-    latencies: list[float] = []
-
-    def worker(deadline: float) -> None:
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            call()
-            latencies.append(time.perf_counter() - t0)
-
-    def run(length: float) -> float:
-        deadline = time.perf_counter() + length
-        threads = [threading.Thread(target=worker, args=(deadline,)) for _ in range(concurrency)]
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return time.perf_counter() - start
-
-    run(min(0.3, seconds))  # warm-up
-    latencies.clear()
-    cpu = _own_cpu()
-    wall = run(seconds)
-    n = len(latencies)
-    return {"requests": n, "throughput": n / wall, "p50_ms": _percentile(latencies, 50) * 1e3,
-            "p99_ms": _percentile(latencies, 99) * 1e3, "own_cpu_ms": (_own_cpu() - cpu) / n * 1e3}
+    return _run_lanes(lambda _frames: call(), seconds, concurrency, lanes=concurrency, max_batch=1)
 
 
 _WRK_SCRIPT = """wrk.method = "POST"
