@@ -3,7 +3,7 @@
 A succeeded job's model is in the registry and a cancelled job cannot be resumed: their
 run folder (checkpoints, merged weights), export staging, temporary files and uploaded
 dataset are removed, and only ``job.log`` stays. A failed job can be resumed from its
-last checkpoint, so the runs of the newest ``keep_failed_runs`` failed jobs are kept
+last checkpoint, so the runs of the ``keep_failed_runs`` jobs that failed last are kept
 and older ones are removed the same way. Queued, running and interrupted jobs keep
 everything.
 """
@@ -51,7 +51,8 @@ def prune_job_files(settings: Settings, store: JobStore) -> list[str]:
         for job in store.list(state=state, limit=100_000):
             if remove_bulky(settings, job.id):
                 pruned.append(job.id)
-    failed = store.list(state="failed", limit=100_000)  # newest first
+    # the last to fail first: a job submitted long ago that fails now (after a resume) keeps its checkpoints
+    failed = sorted(store.list(state="failed", limit=100_000), key=lambda job: job.finished_at or 0.0, reverse=True)
     for job in failed[settings.keep_failed_runs:]:
         if remove_bulky(settings, job.id):
             pruned.append(job.id)

@@ -184,7 +184,8 @@ def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[]
         memory = _jsonable(result.memory) if result.memory else None
         if memory is not None:
             store.update_progress(job.id, memory=memory)
-        if stop.cancelled:
+        # a cancel that came within the last poll interval, as the worker stopped, is still a cancel
+        if stop.cancelled or (result.status == "stopped" and store.cancel_requested(job.id)):
             log.info("cancelled; the run's files are removed")
             store.finish(job.id, "cancelled", error="cancelled on request")
             return "cancelled"

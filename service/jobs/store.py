@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, List
 
 from models.errors import NotFoundError
+from service.core.errors import InsufficientStorageError, TooManyRequestsError
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 #: states a job never leaves by itself (``failed`` can still be resumed on request).
@@ -156,23 +157,13 @@ class JobStore:
 
     def active_for(self, owner: str) -> int:
         """Jobs of ``owner`` (a key's fingerprint) that are queued, running or interrupted."""
-        marks = ",".join("?" * len(ACTIVE_STATES))
         with self._connect() as conn:
-            row = conn.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}) AND json_extract(spec, '$.owner') = ?",
-                (*ACTIVE_STATES, owner),
-            ).fetchone()
-        return int(row[0])
+            return _active_for(conn, owner)
 
     def active_dataset_bytes(self) -> int:
         """Bytes of uploaded datasets that active jobs keep on disk."""
-        marks = ",".join("?" * len(ACTIVE_STATES))
         with self._connect() as conn:
-            row = conn.execute(
-                f"SELECT COALESCE(SUM(json_extract(spec, '$.dataset_bytes')), 0) FROM jobs WHERE state IN ({marks})",
-                ACTIVE_STATES,
-            ).fetchone()
-        return int(row[0] or 0)
+            return _active_dataset_bytes(conn)
 
     # ---- workers -------------------------------------------------------------------------------
     def heartbeat(self, pid: int) -> None:
@@ -196,11 +187,37 @@ class JobStore:
         return out
 
     # ---- writing -------------------------------------------------------------------------------
-    def create(self, spec: dict[str, Any], job_id: str | None = None) -> Job:
-        """Queue a new job."""
+    def create(
+        self,
+        spec: dict[str, Any],
+        job_id: str | None = None,
+        *,
+        max_active_per_owner: int | None = None,
+        max_active_dataset_bytes: int | None = None,
+    ) -> Job:
+        """Queue a new job.
+
+        With the limits, the active jobs of ``spec["owner"]`` and the active uploaded bytes (with this job's
+        ``spec["dataset_bytes"]``) are checked in the insert's own transaction: concurrent submissions cannot
+        pass them together. Raises ``TooManyRequestsError`` / ``InsufficientStorageError``.
+        """
         job_id = job_id or new_job_id()
         now = time.time()
         with self._transaction() as conn:
+            if max_active_per_owner is not None:
+                active = _active_for(conn, spec["owner"])
+                if active >= max_active_per_owner:
+                    raise TooManyRequestsError(
+                        f"this key has {active} queued, running or interrupted jobs (limit {max_active_per_owner}); "
+                        "wait for one to end or cancel one"
+                    )
+            if max_active_dataset_bytes is not None and spec.get("dataset_bytes"):
+                used = _active_dataset_bytes(conn)
+                if used + spec["dataset_bytes"] > max_active_dataset_bytes:
+                    raise InsufficientStorageError(
+                        f"this dataset ({spec['dataset_bytes']} bytes) and those of queued and running jobs "
+                        f"({used} bytes) pass the disk quota ({max_active_dataset_bytes} bytes); wait for jobs to end"
+                    )
             conn.execute(
                 "INSERT INTO jobs (id, state, spec, created_at, updated_at) VALUES (?, 'queued', ?, ?, ?)",
                 (job_id, json.dumps(spec), now, now),
@@ -312,6 +329,24 @@ class JobStore:
         with self._connect() as conn:
             row = conn.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
+
+
+def _active_for(conn: sqlite3.Connection, owner: str) -> int:
+    marks = ",".join("?" * len(ACTIVE_STATES))
+    row = conn.execute(
+        f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}) AND json_extract(spec, '$.owner') = ?",
+        (*ACTIVE_STATES, owner),
+    ).fetchone()
+    return int(row[0])
+
+
+def _active_dataset_bytes(conn: sqlite3.Connection) -> int:
+    marks = ",".join("?" * len(ACTIVE_STATES))
+    row = conn.execute(
+        f"SELECT COALESCE(SUM(json_extract(spec, '$.dataset_bytes')), 0) FROM jobs WHERE state IN ({marks})",
+        ACTIVE_STATES,
+    ).fetchone()
+    return int(row[0] or 0)
 
 
 def new_job_id() -> str:

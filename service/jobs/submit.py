@@ -97,7 +97,9 @@ def submit_job(
             "job_dir": str(folder),
             "owner": owner,
         }
-        return store.create(record, job_id=job_id)
+        # checked again with the insert: two submissions at once both passed the checks above
+        return store.create(record, job_id=job_id, max_active_per_owner=settings.max_active_jobs_per_key,
+                            max_active_dataset_bytes=settings.max_active_dataset_bytes)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

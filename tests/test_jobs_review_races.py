@@ -1,0 +1,108 @@
+"""Races and orderings found in a review of ``service/jobs``: limits checked apart from the insert they guard,
+retention that ranks failed jobs by submission time, a cancel request lost when the worker stops."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+from service.api.schemas.jobs import JobCreate
+from service.core.errors import InsufficientStorageError, TooManyRequestsError
+from service.jobs.retention import prune_job_files
+from service.jobs.store import JobStore
+from service.jobs.submit import submit_job
+from service.registry import ModelRegistry
+from tests.helpers.service import make_settings, yolo_zip
+
+
+class _BothCheckedFirst:
+    """A job checker that lets no submission through until both have been checked (two requests at once)."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2, timeout=20)
+
+    def check(self, values, export) -> None:
+        self.barrier.wait()
+
+
+def _submit_twice(settings, store, spec: JobCreate, upload: bytes | None) -> list:
+    registry, checker = ModelRegistry(settings.models_dir), _BothCheckedFirst()
+    results: list = []
+
+    def submit() -> None:
+        try:
+            results.append(submit_job(spec, io.BytesIO(upload) if upload else None, owner="key-a", settings=settings,
+                                      store=store, registry=registry, checker=checker))
+        except (TooManyRequestsError, InsufficientStorageError) as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=submit) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_two_submissions_at_once_cannot_both_take_the_last_job_place(home):
+    settings = make_settings(home, max_active_jobs_per_key=1)
+    (settings.resolved_data_root / "kitchen").mkdir(parents=True)
+    (settings.resolved_data_root / "kitchen" / "data.yaml").write_text("train: .\nval: .\nnames: [cup]\n")
+    store = JobStore(settings.db_path)
+    results = _submit_twice(settings, store, JobCreate(dataset="kitchen", steps=2), None)
+    assert store.active_for("key-a") == 1
+    assert sum(isinstance(r, TooManyRequestsError) for r in results) == 1
+
+
+def test_two_uploads_at_once_cannot_both_fill_the_disk_quota(home):
+    upload = yolo_zip()
+    settings = make_settings(home, max_active_dataset_bytes=len(upload) * 3 // 2)
+    store = JobStore(settings.db_path)
+    results = _submit_twice(settings, store, JobCreate(steps=2), upload)
+    assert store.active_dataset_bytes() <= settings.max_active_dataset_bytes
+    refused = [r for r in results if isinstance(r, InsufficientStorageError)]
+    assert len(refused) == 1
+    assert len(list(settings.jobs_dir.iterdir())) == 1  # the refused one left nothing behind
+
+
+def test_retention_keeps_the_run_of_the_job_that_failed_last(home):
+    """A job submitted long ago that fails now (e.g. after a resume) keeps its checkpoints, as its error says."""
+    settings = make_settings(home, keep_failed_runs=1)
+    store = JobStore(settings.db_path)
+    old, new = store.create({"request": {}}), store.create({"request": {}})
+    for job in (old, new):
+        store.claim_next(worker_pid=1)
+        (settings.jobs_dir / job.id / "run").mkdir(parents=True)
+    store.finish(new.id, "failed", error="boom")
+    time.sleep(0.01)
+    store.finish(old.id, "failed", error="worker died; resume the job to continue from its last checkpoint")
+    prune_job_files(settings, store)
+    assert (settings.jobs_dir / old.id / "run").is_dir()
+    assert not (settings.jobs_dir / new.id / "run").exists()
+
+
+def test_a_cancel_request_is_not_lost_when_the_worker_stops_at_the_same_time(home, monkeypatch):
+    import training.recipe as recipe
+    from service.jobs import runner
+    from training.recipe import TrainResult
+
+    settings = make_settings(home)
+    store = JobStore(settings.db_path)
+    store.create({"request": JobCreate(dataset="d", steps=2).model_dump(mode="json"), "data_yaml": "d.yaml",
+                  "uploaded_dataset": True, "model_id": "m"})
+    job = store.claim_next(worker_pid=1)
+    worker = {"stopping": False}
+
+    def fake_train(config, on_event=None, should_stop=None):
+        assert should_stop() is False  # step 1: the cancel flag is polled, not set yet
+        store.request_cancel(job.id)  # POST /cancel arrives ...
+        worker["stopping"] = True  # ... and SIGTERM, both within the 0.5 s between polls
+        should_stop()
+        return TrainResult(run_dir=config.out, status="stopped", steps=1, total_steps=2)
+
+    monkeypatch.setattr(recipe, "train", fake_train)
+    monkeypatch.setattr(runner, "build_train_config", lambda request, spec, out, resume=False: type(
+        "Config", (), {"out": out})())
+    assert runner.run_job(job, settings, store, lambda: worker["stopping"]) == "cancelled"
+    assert store.get(job.id).state == "cancelled"
