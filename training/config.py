@@ -207,6 +207,9 @@ class TrainConfig:
         if self.replay and self.replay_fraction > 0 and self.replay_images_per_step() == 0:
             raise ConfigError(f"replay_fraction={self.replay_fraction} of a global batch of "
                               f"{self.batch * self.accumulate} images is less than one image; raise it or the batch")
+        if self.replay and self.replay_images_per_step() >= self.batch * self.accumulate:
+            raise ConfigError(f"replay_fraction={self.replay_fraction} of a global batch of "
+                              f"{self.batch * self.accumulate} images leaves no training-set image per step; lower it")
         self._validate_names()
         if self.in_backward:
             from training.optim import check_in_backward_compatible
