@@ -106,6 +106,7 @@ def save_checkpoint(
     if target.exists():  # a crashed earlier attempt at the same step, or a re-save of the step ``last`` is on
         if _resolve_last(root) == target.resolve():
             _point_last(root, staging)  # ``last`` stays on a complete checkpoint while ``target`` is replaced
+            staging = _linked_copy(staging)  # renaming the directory ``last`` is on would leave it dangling
         shutil.rmtree(target)
     os.replace(staging, target)
     _point_last(root, target)
@@ -118,6 +119,14 @@ def save_checkpoint(
     for stale_link in root.glob(f".{LAST}.*.tmp"):  # a process killed between symlink and replace in _point_last
         stale_link.unlink(missing_ok=True)
     return target
+
+
+def _linked_copy(directory: Path) -> Path:
+    """A second staging directory of hard links to ``directory``'s (already fsynced) files."""
+    copy = directory.with_name(f"{directory.name}-linked")
+    shutil.copytree(directory, copy, copy_function=os.link)
+    _fsync_dir(copy)
+    return copy
 
 
 def _point_last(root: Path, directory: Path) -> None:
