@@ -7,6 +7,8 @@ import io
 import threading
 import time
 
+import pytest
+
 from service.api.schemas.jobs import JobCreate
 from service.core.errors import InsufficientStorageError, TooManyRequestsError
 from service.jobs.retention import prune_job_files
@@ -106,3 +108,22 @@ def test_a_cancel_request_is_not_lost_when_the_worker_stops_at_the_same_time(hom
         "Config", (), {"out": out})())
     assert runner.run_job(job, settings, store, lambda: worker["stopping"]) == "cancelled"
     assert store.get(job.id).state == "cancelled"
+
+
+def test_the_replay_set_of_an_uploaded_job_is_confined_again_before_training(home, tmp_path):
+    """The data root may change between submission and run: the replay set is re-checked with an upload too."""
+    from models.errors import DataError
+    from service.jobs.runner import _recheck_datasets
+
+    settings = make_settings(home)
+    replay = settings.resolved_data_root / "replay"
+    (replay / "images").mkdir(parents=True)
+    (replay / "data.yaml").write_text("train: images\nval: images\nnames: [cup]\n")
+    store = JobStore(settings.db_path)
+    job = store.create({"request": {}, "data_yaml": str(home / "jobs" / "j" / "dataset" / "data.yaml"),
+                        "uploaded_dataset": True, "replay_yaml": str(replay / "data.yaml")})
+    secret = tmp_path / "outside.jpg"
+    secret.write_bytes(b"not yours")
+    (replay / "images" / "leak.jpg").symlink_to(secret)  # added after the job was queued
+    with pytest.raises(DataError, match="outside the data root"):
+        _recheck_datasets(job, settings)

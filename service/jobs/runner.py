@@ -140,10 +140,9 @@ def _has_checkpoint(run_dir: Path) -> bool:
 
 def _recheck_datasets(job: Job, settings: Settings) -> None:
     """The data root may have changed since submission: confine the job's datasets again before reading them."""
-    if job.spec.get("uploaded_dataset"):
-        return
     root = settings.resolved_data_root
-    resolve_dataset_path(root, job.spec["data_yaml"])
+    if not job.spec.get("uploaded_dataset"):  # an upload lives in the job's own folder; its replay set does not
+        resolve_dataset_path(root, job.spec["data_yaml"])
     if job.spec.get("replay_yaml"):
         resolve_dataset_path(root, job.spec["replay_yaml"], what="replay")
 
