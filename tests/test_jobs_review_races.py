@@ -127,3 +127,19 @@ def test_the_replay_set_of_an_uploaded_job_is_confined_again_before_training(hom
     (replay / "images" / "leak.jpg").symlink_to(secret)  # added after the job was queued
     with pytest.raises(DataError, match="outside the data root"):
         _recheck_datasets(job, settings)
+
+
+def test_a_model_id_that_a_queued_job_will_register_is_refused_at_submission(home):
+    """Otherwise the second job trains to the end, then fails at registration (the id is taken)."""
+    from service.core.errors import ConflictError
+
+    settings = make_settings(home)
+    (settings.resolved_data_root / "kitchen").mkdir(parents=True)
+    (settings.resolved_data_root / "kitchen" / "data.yaml").write_text("train: .\nval: .\nnames: [cup]\n")
+    store, registry = JobStore(settings.db_path), ModelRegistry(settings.models_dir)
+    checker = type("NoCheck", (), {"check": lambda self, values, export: None})()
+    spec = JobCreate(dataset="kitchen", steps=2, model_id="kitchen-v2")
+    submit_job(spec, None, owner="key-a", settings=settings, store=store, registry=registry, checker=checker)
+    with pytest.raises(ConflictError, match="kitchen-v2"):
+        submit_job(spec, None, owner="key-b", settings=settings, store=store, registry=registry, checker=checker)
+    assert store.counts()["queued"] == 1

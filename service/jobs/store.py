@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, List
 
 from models.errors import NotFoundError
-from service.core.errors import InsufficientStorageError, TooManyRequestsError
+from service.core.errors import ConflictError, InsufficientStorageError, TooManyRequestsError
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 #: states a job never leaves by itself (``failed`` can still be resumed on request).
@@ -197,13 +197,26 @@ class JobStore:
     ) -> Job:
         """Queue a new job.
 
-        With the limits, the active jobs of ``spec["owner"]`` and the active uploaded bytes (with this job's
+        A ``spec["model_id"]`` that a queued, running or interrupted job will register is refused
+        (``ConflictError``): the new job would train to its end, then fail at registration. With the limits,
+        the active jobs of ``spec["owner"]`` and the active uploaded bytes (with this job's
         ``spec["dataset_bytes"]``) are checked in the insert's own transaction: concurrent submissions cannot
         pass them together. Raises ``TooManyRequestsError`` / ``InsufficientStorageError``.
         """
         job_id = job_id or new_job_id()
         now = time.time()
         with self._transaction() as conn:
+            if spec.get("model_id"):
+                marks = ",".join("?" * len(ACTIVE_STATES))
+                row = conn.execute(
+                    f"SELECT id FROM jobs WHERE state IN ({marks}) AND json_extract(spec, '$.model_id') = ? LIMIT 1",
+                    (*ACTIVE_STATES, spec["model_id"]),
+                ).fetchone()
+                if row is not None:
+                    raise ConflictError(
+                        f"job {row['id']} (queued, running or interrupted) will register a model {spec['model_id']!r}; "
+                        "choose another model_id"
+                    )
             if max_active_per_owner is not None:
                 active = _active_for(conn, spec["owner"])
                 if active >= max_active_per_owner:
