@@ -143,3 +143,19 @@ def test_a_model_id_that_a_queued_job_will_register_is_refused_at_submission(hom
     with pytest.raises(ConflictError, match="kitchen-v2"):
         submit_job(spec, None, owner="key-b", settings=settings, store=store, registry=registry, checker=checker)
     assert store.counts()["queued"] == 1
+
+
+@pytest.mark.parametrize("entries", [
+    {"a": b"x", "a/b": b"y", "data.yaml": b"train: .\nval: .\nnames: [a]\n"},  # a file and a folder of one name
+    {"data.yaml/": b"", "data.yaml/x": b""},  # 'data.yaml' is a folder
+])
+def test_a_zip_whose_names_clash_is_a_data_error_not_a_server_error(tmp_path, entries):
+    """The client's zip is at fault: 400 with what to fix (an OSError was a 500), and nothing stays behind."""
+    from models.errors import DataError
+    from service.jobs.datasets import extract_dataset_zip
+    from tests.helpers.service import zip_bytes
+
+    (tmp_path / "up.zip").write_bytes(zip_bytes(entries))
+    with pytest.raises(DataError):
+        extract_dataset_zip(tmp_path / "up.zip", tmp_path / "job" / "dataset", 10**6, 100)
+    assert not (tmp_path / "job" / "dataset").exists() and list((tmp_path / "job").iterdir()) == []

@@ -275,6 +275,12 @@ def extract_dataset_zip(
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(f"the zip is corrupt ({exc}); create it again and re-upload") from None
+        except (FileExistsError, NotADirectoryError, IsADirectoryError):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(
+                f"zip entry {info.filename!r} clashes with another entry (a file and a folder of the same name); "
+                "rename one and re-upload"
+            ) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -289,7 +295,7 @@ def extract_dataset_zip(
 
 def _find_data_yaml(root: Path) -> Path:
     for pattern in ("data.yaml", "data.yml", "*/data.yaml", "*/data.yml"):
-        found = sorted(root.glob(pattern))
+        found = sorted(p for p in root.glob(pattern) if p.is_file())
         if found:
             return found[0]
     raise DataError("the zip has no data.yaml at its top level (or one folder down); add a YOLO data.yaml")
