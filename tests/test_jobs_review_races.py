@@ -159,3 +159,30 @@ def test_a_zip_whose_names_clash_is_a_data_error_not_a_server_error(tmp_path, en
     with pytest.raises(DataError):
         extract_dataset_zip(tmp_path / "up.zip", tmp_path / "job" / "dataset", 10**6, 100)
     assert not (tmp_path / "job" / "dataset").exists() and list((tmp_path / "job").iterdir()) == []
+
+
+def test_a_running_job_with_a_cancel_request_ends_cancelled_when_its_worker_goes_away(home, monkeypatch):
+    """Restart, shutdown or a crash before the worker saw the request: the job ends as asked, not resumable."""
+    import sys
+
+    from service.jobs import supervisor as sup
+    from tests.helpers.service import wait_for
+
+    store = JobStore(make_settings(home).db_path)
+    asked, other = store.create({"request": {}}), store.create({"request": {}})
+    store.claim_next(worker_pid=11)
+    store.claim_next(worker_pid=12)
+    store.request_cancel(asked.id)
+    assert store.mark_interrupted(reason="the service restarted while it was running") == [other.id]  # API startup
+    assert store.get(asked.id).state == "cancelled" and store.get(other.id).state == "interrupted"
+
+    monkeypatch.setattr(sup, "worker_command", lambda settings: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    s = sup.WorkerSupervisor(make_settings(home, job_workers=1), store)
+    crashed = store.create({"request": {}})
+    s.start()
+    store.claim_next(worker_pid=s.procs[0].pid)
+    store.request_cancel(crashed.id)
+    wait_for(lambda: s.procs[0].poll() is not None, 10, what="worker exit")
+    s.check()
+    s.stop(timeout=5)
+    assert store.get(crashed.id).state == "cancelled"

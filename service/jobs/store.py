@@ -322,14 +322,25 @@ class JobStore:
         return self.get(job_id)
 
     def mark_interrupted(self, worker_pid: int | None = None, reason: str = "the service stopped") -> List[str]:
-        """Mark running jobs (all, or those of one worker) as interrupted; returns their ids."""
-        query, args = "SELECT id FROM jobs WHERE state = 'running'", []
+        """Mark running jobs (all, or those of one worker) as interrupted; returns their ids.
+
+        A job whose cancel was requested (its worker went away before it saw the request) ends ``cancelled``.
+        """
+        query, args = "SELECT id, cancel_requested FROM jobs WHERE state = 'running'", []
         if worker_pid is not None:
             query += " AND worker_pid = ?"
             args.append(worker_pid)
         now = time.time()
         with self._transaction() as conn:
-            ids = [r["id"] for r in conn.execute(query, args).fetchall()]
+            rows = conn.execute(query, args).fetchall()
+            ids = [r["id"] for r in rows if not r["cancel_requested"]]
+            for row in rows:
+                if row["cancel_requested"]:
+                    conn.execute(
+                        "UPDATE jobs SET state = 'cancelled', worker_pid = NULL, finished_at = ?, updated_at = ?,"
+                        " error = 'cancelled on request' WHERE id = ?",
+                        (now, now, row["id"]),
+                    )
             for job_id in ids:
                 conn.execute(
                     "UPDATE jobs SET state = 'interrupted', worker_pid = NULL, updated_at = ?,"

@@ -71,13 +71,16 @@ class WorkerSupervisor:
         return [p.pid for p in self.procs if p is not None and p.poll() is None]
 
     def check(self) -> None:
-        """Replace dead workers; their running job is marked failed (resumable)."""
+        """Replace dead workers; their running job is marked failed (resumable), or cancelled if that was asked."""
         for slot, proc in enumerate(self.procs):
             if proc is None or proc.poll() is None:
                 continue
             code = proc.returncode
             for job in self.store.list(state="running", limit=1000):
                 if job.worker_pid != proc.pid:
+                    continue
+                if job.cancel_requested:  # it died before it saw the request: the job ends as asked
+                    self.store.finish(job.id, "cancelled", error="cancelled on request")
                     continue
                 self.store.finish(job.id, "failed", error=(
                     f"the worker process exited with code {code} (a crash, or killed for memory) while running this "
