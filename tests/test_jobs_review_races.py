@@ -186,3 +186,17 @@ def test_a_running_job_with_a_cancel_request_ends_cancelled_when_its_worker_goes
     s.check()
     s.stop(timeout=5)
     assert store.get(crashed.id).state == "cancelled"
+
+
+@pytest.mark.parametrize("requested, yaml_text", [
+    ("kit\x00chen", None),  # JobCreate lets a NUL through
+    ("kitchen", 'train: "images\\0"\nval: images\nnames: [cup]\n'),
+])
+def test_a_nul_in_a_dataset_path_is_a_data_error_not_a_server_error(tmp_path, requested, yaml_text):
+    from models.errors import DataError
+    from service.jobs.datasets import resolve_dataset_path
+
+    (tmp_path / "kitchen" / "images").mkdir(parents=True)
+    (tmp_path / "kitchen" / "data.yaml").write_text(yaml_text or "train: images\nval: images\nnames: [cup]\n")
+    with pytest.raises(DataError):
+        resolve_dataset_path(tmp_path, requested)

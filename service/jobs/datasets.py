@@ -60,7 +60,7 @@ class _Confined:
             raise DataError(f"{what} points outside the data root; every file a job reads must lie inside it")
         try:
             resolved = lexical.resolve()
-        except (OSError, RuntimeError):  # a symlink loop, a name too long
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a name too long, a NUL in the name
             raise DataError(f"{what} ({self.show(lexical)}) cannot be resolved (a symlink loop?); fix it") from None
         if not _inside(resolved, self.root):
             raise DataError(f"{what} ({self.show(lexical)}) is a symlink that leads outside the data root; refused")
