@@ -200,3 +200,16 @@ def test_a_nul_in_a_dataset_path_is_a_data_error_not_a_server_error(tmp_path, re
     (tmp_path / "kitchen" / "data.yaml").write_text(yaml_text or "train: images\nval: images\nnames: [cup]\n")
     with pytest.raises(DataError):
         resolve_dataset_path(tmp_path, requested)
+
+
+def test_the_dataset_file_limit_counts_each_image_once(tmp_path):
+    """MAX_DATASET_FILES is a number of files: a folder's images were counted by the walk and again per image."""
+    from service.jobs.datasets import _Confined
+
+    root = tmp_path.resolve()
+    (root / "images").mkdir()
+    for i in range(6):
+        (root / "images" / f"{i}.jpg").write_bytes(b"x")
+    guard = _Confined(root, max_files=7)
+    guard.tree(root / "images", "train")  # 6 images (their label files are looked up, not walked): within 7
+    assert guard.files == 6

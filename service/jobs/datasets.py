@@ -86,7 +86,8 @@ class _Confined:
         """Every image below ``folder``, and every symlink there (files or folders) must stay inside."""
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
             here = Path(dirpath)
-            self.count(len(dirnames) + len(filenames))
+            # images are counted by image(), once each
+            self.count(len(dirnames) + sum(1 for name in filenames if Path(name).suffix.lower() not in IMAGE_SUFFIXES))
             for name in dirnames:
                 if (here / name).is_symlink():
                     self.path(here / name, f"{what}: folder {self.show(here / name)}")
