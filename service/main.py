@@ -56,9 +56,14 @@ async def _prepare_default_model(app: FastAPI) -> None:
 
 
 async def _watch_workers(supervisor: WorkerSupervisor, interval: float = 1.0) -> None:
+    """Check the job workers every ``interval`` s for the app's life; a failed check (a locked database, a worker
+    that cannot be started) is logged and tried again, so dead workers are still replaced afterwards."""
     while True:
         await asyncio.sleep(interval)
-        await anyio.to_thread.run_sync(supervisor.check)
+        try:
+            await anyio.to_thread.run_sync(supervisor.check)
+        except Exception:
+            log.exception("checking the job workers failed; trying again in %g s", interval)
 
 
 def create_app(settings: Settings | None = None, detector_loader: Loader | None = None) -> FastAPI:

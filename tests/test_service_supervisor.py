@@ -43,3 +43,29 @@ def test_stop_interrupts_the_running_job_of_a_worker_that_ignores_sigterm(home, 
     time.sleep(0.3)
     s.stop(timeout=1)
     assert s.alive() == 0 and store.get(job.id).state == "interrupted"
+
+
+def test_a_failing_worker_check_is_logged_and_retried_not_the_end_of_the_watch(caplog):
+    import asyncio
+
+    from service.main import _watch_workers
+
+    class Flaky:
+        calls = 0
+
+        def check(self) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("database is locked")
+
+    async def main(flaky: Flaky) -> None:
+        task = asyncio.create_task(_watch_workers(flaky, interval=0.01))  # type: ignore[arg-type]
+        while flaky.calls < 3 and not task.done():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    flaky = Flaky()
+    asyncio.run(main(flaky))
+    assert flaky.calls >= 3  # the first check's error did not end the watch: dead workers are still replaced
+    assert "checking the job workers failed" in caplog.text
