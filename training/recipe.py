@@ -681,7 +681,8 @@ def save_training_state(run: Run) -> None:
 
 def restore(run: Run, path) -> None:
     """Load a training checkpoint into the run's components and state."""
-    model_state, train_state, info = load_checkpoint(path, map_location=run.device)
+    # on the CPU: the RNG states must stay CPU tensors; the model, optimizer and EMA copy to their own device
+    model_state, train_state, info = load_checkpoint(path, map_location="cpu")
     try:
         run.model.load_state_dict(model_state, strict=True)
         run.optimizer.load_state_dict(train_state["optimizer"])
