@@ -536,9 +536,8 @@ def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], epoch: int) -> t
     if not parts["finite"]:
         _raise_non_finite(run, parts, epoch)
     grad_norm = clip_gradients(run.model, run.cfg)
-    checked = grad_norm if grad_norm is not None else gradient_norm(run.model)  # in backward: no gradients left
-    if checked is not None and not math.isfinite(checked):
-        _raise_non_finite(run, {**parts, "what": f"gradient norm {checked}"}, epoch)
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        _raise_non_finite(run, {**parts, "what": f"gradient norm {grad_norm}"}, epoch)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     lr = run.optimizer.param_groups[0]["lr"]
@@ -555,18 +554,12 @@ def items_to_tensor(items) -> torch.Tensor:
 
 
 def clip_gradients(model: nn.Module, cfg: TrainConfig) -> float | None:
-    if cfg.in_backward or not cfg.grad_clip:
-        return None
+    """The global gradient norm before clipping, clipped to ``cfg.grad_clip`` when set; measured with clipping
+    off too, so that a non-finite one is never stepped. None when no gradients are left (``in_backward``)."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
+    if cfg.in_backward or not params:
         return None
-    return float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-
-
-def gradient_norm(model: nn.Module) -> float | None:
-    """The global gradient norm without clipping (None: no gradients), so that a non-finite one is never stepped."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+    return float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
 
 
 def _raise_non_finite(run: Run, parts: dict, epoch: int) -> None:
