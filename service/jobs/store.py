@@ -160,6 +160,11 @@ class JobStore:
         with self._connect() as conn:
             return _active_for(conn, owner)
 
+    def check_owner_room(self, owner: str, limit: int) -> None:
+        """Raise ``TooManyRequestsError`` when ``owner`` already has ``limit`` active jobs (``create`` checks again)."""
+        with self._connect() as conn:
+            _check_owner_room(conn, owner, limit)
+
     def active_dataset_bytes(self) -> int:
         """Bytes of uploaded datasets that active jobs keep on disk."""
         with self._connect() as conn:
@@ -218,12 +223,7 @@ class JobStore:
                         "choose another model_id"
                     )
             if max_active_per_owner is not None:
-                active = _active_for(conn, spec["owner"])
-                if active >= max_active_per_owner:
-                    raise TooManyRequestsError(
-                        f"this key has {active} queued, running or interrupted jobs (limit {max_active_per_owner}); "
-                        "wait for one to end or cancel one"
-                    )
+                _check_owner_room(conn, spec["owner"], max_active_per_owner)
             if max_active_dataset_bytes is not None and spec.get("dataset_bytes"):
                 used = _active_dataset_bytes(conn)
                 if used + spec["dataset_bytes"] > max_active_dataset_bytes:
@@ -362,6 +362,15 @@ def _active_for(conn: sqlite3.Connection, owner: str) -> int:
         (*ACTIVE_STATES, owner),
     ).fetchone()
     return int(row[0])
+
+
+def _check_owner_room(conn: sqlite3.Connection, owner: str, limit: int) -> None:
+    active = _active_for(conn, owner)
+    if active >= limit:
+        raise TooManyRequestsError(
+            f"this key has {active} queued, running or interrupted jobs (limit {limit}); wait for one to end or "
+            "cancel one, or raise GLASSES_VISION_MAX_ACTIVE_JOBS_PER_KEY"
+        )
 
 
 def _active_dataset_bytes(conn: sqlite3.Connection) -> int:

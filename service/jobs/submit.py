@@ -17,7 +17,7 @@ from typing import IO, Any
 from models.errors import DataError
 from service.api.schemas.jobs import JobCreate
 from service.core.config import Settings
-from service.core.errors import ConflictError, InsufficientStorageError, PayloadTooLargeError, TooManyRequestsError
+from service.core.errors import ConflictError, InsufficientStorageError, PayloadTooLargeError
 from service.jobs.checker import JobChecker
 from service.jobs.datasets import extract_dataset_zip, resolve_dataset_path
 from service.jobs.retention import job_bytes
@@ -53,12 +53,7 @@ def submit_job(
         raise DataError("give either 'dataset' in the spec or a zip upload, not both")
     if upload is None and not spec.dataset:
         raise DataError("'dataset' is missing; give a path under the data root or upload a zip (multipart)")
-    active = store.active_for(owner)
-    if active >= settings.max_active_jobs_per_key:
-        raise TooManyRequestsError(
-            f"this key has {active} queued, running or interrupted jobs (limit {settings.max_active_jobs_per_key}); "
-            "wait for one to end or cancel one"
-        )
+    store.check_owner_room(owner, settings.max_active_jobs_per_key)  # early: before a zip is unpacked
     request = spec.model_dump(mode="json")
     check_train_values(request, train_config_values(request, "data.yaml", "run", resume=False))
     model_id = spec.model_id
