@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from models.images import read_rgb
 from models.errors import DataError
@@ -152,28 +152,24 @@ class DetectionDataset(torch.utils.data.Dataset):
         else:
             boxed, cls_np, boxes, info, orig = self._letterboxed(i, self.imgsz)
         h, w = info.orig_h, info.orig_w
-        cls = torch.from_numpy(cls_np)
-        boxes_t = torch.from_numpy(boxes.astype(np.float32))
-        if self.augment is None:
-            img = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))
-        else:
-            img, boxes_t, cls = self.augment(Image.fromarray(boxed), boxes_t, cls)  # PIL: see DetectionAugment
-            back = (boxes_t.numpy() - np.array([info.pad_x, info.pad_y] * 2, np.float32)) / info.ratio
-            back[:, [0, 2]] = back[:, [0, 2]].clip(0, w)
-            back[:, [1, 3]] = back[:, [1, 3]].clip(0, h)
-            orig = back.astype(np.float32)
-        S = float(self.imgsz)
-        xyxy = boxes_t.float()
-        cxcywh = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                              xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], 1) / S
+        if self.augment is not None:
+            boxed, boxes, cls_np = self.augment(boxed, boxes, cls_np)
+            orig = (boxes - np.array([info.pad_x, info.pad_y] * 2, np.float32)) / info.ratio
+            orig[:, [0, 2]] = orig[:, [0, 2]].clip(0, w)
+            orig[:, [1, 3]] = orig[:, [1, 3]].clip(0, h)
+        # numpy, not torch, for the per-frame arithmetic: tiny torch ops wake the intra-op thread pool, which
+        # costs milliseconds on a machine busy training (docs/benchmarks/train_step.md)
+        xyxy = boxes.astype(np.float32).reshape(-1, 4)
+        cxcywh = np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                           xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], 1) / np.float32(self.imgsz)
         return {
-            "img": img.contiguous(),
-            "cls": cls.float().view(-1, 1),
-            "bboxes": cxcywh.view(-1, 4),
+            "img": torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1))),
+            "cls": torch.from_numpy(cls_np.astype(np.float32).reshape(-1, 1)),
+            "bboxes": torch.from_numpy(cxcywh.astype(np.float32)),
             "im_file": str(r.im_file),  # a mosaic names its first image; its orig_xyxy are mosaic pixels
             "ori_shape": (h, w),
             "letterbox": info,
-            "orig_xyxy": torch.from_numpy(orig).view(-1, 4),
+            "orig_xyxy": torch.from_numpy(orig.astype(np.float32).reshape(-1, 4)),
         }
 
     def summary(self) -> dict[str, Any]:
