@@ -48,7 +48,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 
     first = train(tiny_config(tmp_path / "split", **settings), should_stop=stop_after_three)
     assert first.status == "stopped" and first.steps == 3
-    second = train(tiny_config("", data="", resume=str(tmp_path / "split")))
+    # the resume names the run's own settings: tiny_config's epochs=1 would now apply (a resume may change epochs)
+    second = train(tiny_config("", data="", resume=str(tmp_path / "split"), **settings))
     assert second.status == "completed" and second.steps == 6
     assert first.losses + second.losses == full.losses  # bitwise, on CPU with a fixed seed
     a, b = DetectionModel.load(tmp_path / "full" / "merged"), DetectionModel.load(tmp_path / "split" / "merged")

@@ -5,7 +5,8 @@ A checkpoint is a directory ``checkpoints/step-00000123/`` holding
 * ``model.safetensors`` — the full model state (base weights, adapters, BatchNorm statistics),
 * ``train_state.pt`` — optimizer (COAP projections included), scheduler, EMA weights, RNG states
   (python, numpy, torch, CUDA); only tensors and plain values, so ``torch.load(weights_only=True)`` reads it,
-* ``state.json`` — step, epoch, position inside the epoch, best metric (human readable).
+* ``state.json`` — step, epoch, position inside the epoch, best metric, the batch layout (batch, accumulate,
+  processes) it was trained with (human readable).
 
 ``checkpoints/last`` is a symlink replaced atomically (``os.replace``) once the new
 directory is complete and fsynced, and older directories are deleted only after
@@ -122,11 +123,24 @@ def save_checkpoint(
 
 
 def _linked_copy(directory: Path) -> Path:
-    """A second staging directory of hard links to ``directory``'s (already fsynced) files."""
+    """A second staging directory of hard links to ``directory``'s (already fsynced) files; on a filesystem
+    without hard links (``os.link`` raises OSError) a copy whose files are fsynced before it is used."""
     copy = directory.with_name(f"{directory.name}-linked")
-    shutil.copytree(directory, copy, copy_function=os.link)
+    try:
+        shutil.copytree(directory, copy, copy_function=os.link)
+    except OSError:  # shutil.Error (one per file that failed) is an OSError too
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(directory, copy, copy_function=_synced_copy)
     _fsync_dir(copy)
     return copy
+
+
+def _synced_copy(src: str, dst: str) -> str:
+    """``shutil.copy2`` whose copy is on disk when it returns (``last`` will point at it)."""
+    shutil.copy2(src, dst)
+    with open(dst, "rb") as fh:
+        os.fsync(fh.fileno())
+    return dst
 
 
 def _point_last(root: Path, directory: Path) -> None:
@@ -152,6 +166,15 @@ def find_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(
         f"no training checkpoint under {path}: expected {path}/checkpoints/last/ with model.safetensors and train_state.pt"
     )
+
+
+def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """The ``state.json`` of the checkpoint ``path`` names (step, epoch, batch layout), without reading the weights."""
+    ckpt = find_checkpoint(path)
+    try:
+        return json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt} cannot be read: {exc}") from exc
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict, dict]:

@@ -123,9 +123,11 @@ class TrainConfig:
     save_every: int = 50
     #: write a metrics.jsonl line every N optimizer steps.
     log_every: int = 10
-    #: run directory (created; see docs/TRAINING.md for its contents).
+    #: run directory (created; see docs/TRAINING.md for its contents). A run that does not resume starts it over:
+    #: an earlier run's checkpoints and outputs there are removed.
     out: str = "runs/train"
-    #: continue from ``<run dir>/checkpoints/last`` (a run directory or a checkpoint directory).
+    #: continue from ``<run dir>/checkpoints/last`` (a run directory or a checkpoint directory); other settings may
+    #: differ from the run's only where ``training.recipe.RESUME_MAY_CHANGE`` allows (else ``ConfigError``).
     resume: str | None = None
     #: seed for weights init, data order, augmentation.
     seed: int = 0

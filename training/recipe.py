@@ -19,7 +19,9 @@ import json
 import math
 import os
 import random
+import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +38,13 @@ from models.detection import DetectionModel, architecture_names
 from models.errors import CheckpointError, ConfigError, DataError, GlassesVisionError
 from models.io import atomic_write_json, atomic_write_text
 from models.registry import create_model
-from training.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import (find_checkpoint, load_checkpoint, read_checkpoint_info, rng_state, save_checkpoint,
+                                 set_rng_state)
 from training.config import TrainConfig
 from training.data import build_dataset, collate
 from training.evaluate import evaluate
 from training.memory import MemoryReport, measure_memory, optimizer_state_bytes
+from training.settings import check_parts
 from service.layers.peft import apply_peft, find_peft_state, merged_copy, save_adapter
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -115,10 +119,10 @@ class Run:
 def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: StopFn | None = None) -> TrainResult:
     """Fine-tune a detector as ``config`` says; see docs/TRAINING.md for the run directory it writes."""
     started = time.perf_counter()
-    cfg = resolve_resume_config(config).validate()
+    dist_info = DistInfo.current()
+    cfg = resolve_resume_config(config, dist_info.world).validate()
     emit = on_event or (lambda event: None)
     should_stop = should_stop or (lambda: False)
-    dist_info = DistInfo.current()
     device = pick_device(cfg.device, dist_info)
     if cfg.in_backward and dist_info.world > 1:
         raise ConfigError("optimizer-in-backward steps before DistributedDataParallel has averaged the gradients; "
@@ -151,12 +155,17 @@ def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: Sto
               optimizer=optimizer, scheduler=build_scheduler_for(cfg, optimizer, total_steps),
               ema=build_ema(cfg, model), log=MetricsLog(run_dir / "metrics.jsonl", enabled=dist_info.is_main), emit=emit)
 
-    # 5. resume or start fresh
+    # 5. resume or start fresh (a fresh run first clears what an earlier run left in its folder)
     if cfg.resume:
         restore(run, cfg.resume)
+        if run.state.step > total_steps:
+            raise ConfigError(f"the checkpoint in {cfg.resume} is at step {run.state.step}, past this run's "
+                              f"{total_steps} steps (max_steps {cfg.max_steps}, epochs {cfg.epochs} of "
+                              f"{steps_per_epoch} steps); raise max_steps or epochs to continue it")
     state = run.state
     if dist_info.is_main:
-        prepare_run_dir(run_dir, cfg, keep_until_step=state.step if cfg.resume else None)
+        continues_here = cfg.resume is not None and run_dir_of(find_checkpoint(cfg.resume)) == run_dir.resolve()
+        prepare_run_dir(run_dir, cfg, keep_until_step=state.step if continues_here else None)
     emit({"event": "start", "run_dir": str(run_dir), "total_steps": total_steps, "step": state.step,
           "trainable": trainable, "world_size": dist_info.world})
 
@@ -272,16 +281,104 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------- config
-def resolve_resume_config(config: TrainConfig) -> TrainConfig:
-    """``resume`` alone (no dataset): take every setting from the run's ``config.yaml``."""
-    if not config.resume or config.data:
+#: Settings a resumed run may set differently from the run it continues: how long it trains (the cosine schedule
+#: is stretched to the new total from the current step on), how often it evaluates, logs and saves, where it
+#: writes, how it loads, and how a step's images are split into micro-batches (the global batch
+#: ``batch x accumulate x processes`` must stay; :func:`check_resume_batch`). Every other setting decides what an
+#: optimizer step does (model, PEFT, optimizer, lr, schedule shape, seed, data, augmentation) and must stay as saved.
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batch", "save_every", "log_every", "memory_limit_mb",
+                     "workers", "device", "quiet", "out", "batch", "accumulate")
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory of a checkpoint directory (``<run>/checkpoints/step-N``)."""
+    return checkpoint.resolve().parent.parent
+
+
+def saved_run_config(resume: str | Path) -> TrainConfig:
+    """The config the run that ``resume`` names (a run or checkpoint directory) saved in its ``config.yaml``."""
+    saved = run_dir_of(find_checkpoint(resume)) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"cannot resume from {resume}: {saved} is missing; pass the run's settings again "
+                          "(--config FILE --resume RUN_DIR)")
+    return TrainConfig.from_file(saved)
+
+
+def resolve_resume_config(config: TrainConfig, world: int = 1) -> TrainConfig:
+    """The config a run with ``resume`` set trains with (``config`` itself when it does not resume).
+
+    An ``out`` left empty or at its default is the run's own directory. Without ``data`` the settings come from the
+    run's ``config.yaml`` and the fields of ``config`` that differ from ``TrainConfig``'s defaults count as given;
+    with ``data`` every field of ``config`` is given. Given settings in :data:`RESUME_MAY_CHANGE` apply; any other
+    that differs from the saved one raises ``ConfigError`` naming it, as does a different global batch.
+    """
+    if not config.resume:
         return config
     ckpt = find_checkpoint(config.resume)
-    run_dir = ckpt.parent.parent
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"cannot resume from {config.resume}: {saved} is missing; pass the run's settings again")
-    return TrainConfig.from_file(saved).replace(resume=str(config.resume), out=str(run_dir), quiet=config.quiet)
+    run_dir = run_dir_of(ckpt)
+    defaults = TrainConfig().to_dict()
+    if config.out in ("", defaults["out"]):  # not given: continue in the run's own directory
+        config = dataclasses.replace(config, out=str(run_dir))
+    if config.data:
+        saved = saved_run_config(config.resume) if (run_dir / "config.yaml").is_file() else None
+        given, resolved = config.to_dict(), config
+    else:
+        saved = saved_run_config(config.resume)
+        given = {k: v for k, v in config.to_dict().items() if v != defaults[k]}
+        applied = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
+        resolved = dataclasses.replace(saved, **{**applied, "resume": str(config.resume)})
+    if saved is not None:
+        refused = {k: (getattr(saved, k), v) for k, v in given.items()
+                   if k not in RESUME_MAY_CHANGE and k != "resume" and _setting_differs(k, getattr(saved, k), v)}
+        if refused:
+            changes = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in refused.items())
+            raise ConfigError(
+                f"cannot resume {run_dir} with other settings than it was trained with ({changes}): they change "
+                "what an optimizer step does, so the checkpoint would not continue the same run. Leave them out "
+                "to continue as saved, or start a new run in another folder (--out). A resume may change only "
+                f"{', '.join(RESUME_MAY_CHANGE)}"
+            )
+    check_resume_batch(read_checkpoint_info(ckpt), resolved, world, saved)
+    return resolved
+
+
+def _setting_differs(name: str, saved: Any, given: Any) -> bool:
+    if name in ("data", "replay"):  # the same file named another way (relative / absolute) is the same setting
+        return (Path(saved).resolve() if saved else None) != (Path(given).resolve() if given else None)
+    if name == "grad_checkpoint":
+        return check_parts(saved) != check_parts(given)
+    # lists and tuples alike: a config built in Python against one read back from YAML
+    return json.loads(json.dumps(saved)) != json.loads(json.dumps(given))
+
+
+def check_resume_batch(info: dict[str, Any], cfg: TrainConfig, world: int, saved: TrainConfig | None = None) -> None:
+    """Refuse a resume whose global batch (``batch x accumulate x processes``) differs from the checkpoint's:
+    optimizer step ``s`` would take other images than the run's step ``s`` and the saved data position would
+    skip or repeat images. The same global batch split otherwise (another process count, with ``accumulate``
+    making up for it) takes the same images per step; it continues the run, though not bit for bit (each
+    process draws its own augmentation; BatchNorm sees other micro-batches), and says so with a warning."""
+    before = saved or cfg  # checkpoints written before state.json recorded the batch layout
+    old = (int(info.get("batch", before.batch)), int(info.get("accumulate", before.accumulate)),
+           int(info.get("world_size", 1)))
+    new = (cfg.batch, cfg.accumulate, world)
+    if old == new:
+        return
+
+    def layout(b: int, a: int, w: int) -> str:
+        return f"{b * a * w} images (batch {b} x accumulate {a} x {w} process{'es' if w > 1 else ''})"
+
+    step = info.get("step")
+    if math.prod(old) != math.prod(new):
+        fits = math.prod(old) % (cfg.batch * world) == 0
+        hint = (f"e.g. accumulate {math.prod(old) // (cfg.batch * world)} with batch {cfg.batch} on {world} "
+                f"process{'es' if world > 1 else ''}" if fits else
+                f"e.g. batch {old[0]} and accumulate {old[1]} on {old[2]} process{'es' if old[2] > 1 else ''}")
+        raise ConfigError(f"the checkpoint (step {step}) was trained with a global batch of {layout(*old)}; this run "
+                          f"would take {layout(*new)} per optimizer step, so its data position and steps would not "
+                          f"match. Resume with batch x accumulate x processes = {math.prod(old)}, {hint}")
+    warnings.warn(f"resuming the checkpoint (step {step}) of {layout(*old)} as {layout(*new)}: the same images per "
+                  "optimizer step, but not bit for bit the uninterrupted run (augmentation draws per process, "
+                  "BatchNorm statistics per micro-batch)", stacklevel=2)
 
 
 # ---------------------------------------------------------------------------- data
@@ -665,7 +762,7 @@ def save_training_state(run: Run) -> None:
             "rng": rng_state(),
         }
         info_json = {"epoch": state.epoch, "epoch_step": state.epoch_step, "best_map50_95": state.best_map50_95,
-                     "world_size": run.dist.world}
+                     "world_size": run.dist.world, "batch": run.cfg.batch, "accumulate": run.cfg.accumulate}
         save_checkpoint(run.run_dir / "checkpoints", state.step, run.model.state_dict(), train_state, info_json)
     barrier(run.dist)
     state.last_checkpoint_step = state.step
@@ -682,6 +779,11 @@ def restore(run: Run, path) -> None:
         run.scheduler.load_state_dict(train_state["scheduler"])
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} does not match this run's model / optimizer settings: {exc}") from exc
+    # this run's schedule sets the next step's lr (a resume may change max_steps / epochs and so the total);
+    # with the saved total it is the lr the checkpoint holds, bit for bit (the scheduler's own expression)
+    scheduler = run.scheduler
+    for group, base_lr, factor in zip(run.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
     if run.ema is not None and train_state.get("ema"):
         run.ema.ema.load_state_dict(train_state["ema"]["state"])
         run.ema.updates = int(train_state["ema"]["updates"])
@@ -740,17 +842,32 @@ def write_final_weights(net: DetectionModel, run_dir: Path) -> tuple[Path | None
     return adapter_dir, merged_dir
 
 
+#: What a run writes into its directory besides ``config.yaml``.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "memory.txt", "training_curves.png", "pr_curve.png",
+               "adapter", "merged", "best")
+
+
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig, keep_until_step: int | None) -> None:
+    """Write the run's ``config.yaml``. A run that continues in its own directory (``keep_until_step``: the step
+    it resumes at) keeps the metrics up to that step; any other run starts the directory over: what an earlier
+    run left there (its checkpoints first, so that no ``--resume`` can find them) is removed."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if keep_until_step is None:
+        for name in RUN_OUTPUTS:
+            _remove(run_dir / name)
     saved = dataclasses.replace(cfg, resume=None)
     atomic_write_text(run_dir / "config.yaml", saved.to_yaml(f"glasses-vision train --config {run_dir / 'config.yaml'}"))
     metrics = run_dir / "metrics.jsonl"
-    if keep_until_step is None:
-        metrics.unlink(missing_ok=True)
-        (run_dir / "summary.json").unlink(missing_ok=True)
-    elif metrics.exists():  # records written after the checkpoint we resume from are replayed
+    if keep_until_step is not None and metrics.exists():  # records after the checkpoint we resume from are replayed
         kept = [line for line in metrics.read_text().splitlines() if _record_step(line) <= keep_until_step]
         atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _record_step(line: str) -> float:

@@ -7,6 +7,11 @@ Under torchrun (``WORLD_SIZE`` > 1) it joins the process group (NCCL on CUDA,
 gloo on CPU) and runs :func:`training.recipe.train` with DistributedDataParallel;
 rank 0 writes metrics and checkpoints. Any ``TrainConfig`` field can be given as
 ``--set key=value`` (YAML value syntax) on top of the file.
+
+``--resume RUN_DIR`` alone continues with the run's own ``config.yaml``; ``--set`` on top of it may change
+how long it trains (``max_steps``, ``epochs``) and how it reports, saves and loads; a setting that would change
+what an optimizer step does is refused with its name (see ``training.recipe.RESUME_MAY_CHANGE``). A run that
+does not resume starts its ``out`` folder over: an earlier run's checkpoints and outputs there are removed.
 """
 
 from __future__ import annotations
@@ -34,9 +39,14 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description="fine-tune a detector (torchrun-ready)")
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train", description="fine-tune a detector (torchrun-ready)",
+        epilog="A run without --resume starts its out folder over (an earlier run's checkpoints and outputs there "
+               "are removed). --resume RUN_DIR alone takes the run's config.yaml; --set may change max_steps, "
+               "epochs and the reporting settings, and anything that changes an optimizer step is refused.")
     parser.add_argument("--config", help="TrainConfig YAML / JSON file")
-    parser.add_argument("--resume", help="continue the run in this directory")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last checkpoint (with its config.yaml unless --config)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -45,15 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from models.errors import ConfigError, GlassesVisionError
+    from training.checkpoint import find_checkpoint
     from training.config import TrainConfig
-    from training.recipe import train
+    from training.recipe import run_dir_of, saved_run_config, train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     try:
-        values = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+        if args.config:
+            values = TrainConfig.from_file(args.config).to_dict()
+        elif args.resume:  # the run's own settings: a --set that differs then applies or is refused, never ignored
+            values = {**saved_run_config(args.resume).to_dict(), "out": str(run_dir_of(find_checkpoint(args.resume)))}
+        else:
+            values = {}
         values.update(parse_overrides(args.set))
         if args.resume:
             values["resume"] = args.resume
