@@ -2,7 +2,8 @@
 
 Nothing touches the disk until the app starts (lifespan): then the home folder,
 the job store and the model registry are opened, running jobs left over from a
-previous process are marked interrupted, the job workers are started, and the
+previous process whose worker is gone are marked interrupted (those whose worker
+still runs are left to it, and watched), the job workers are started, and the
 default model is exported (first start only, in a child process) and loaded in
 the background. ``/healthz`` answers at once; ``/readyz`` once the default model
 is loaded.
@@ -76,9 +77,12 @@ def create_app(settings: Settings | None = None, detector_loader: Loader | None 
         settings.resolved_data_root.mkdir(parents=True, exist_ok=True)
         store = JobStore(settings.db_path)
         return_large_blocks(threshold=LARGE_BLOCK_BYTES)
-        interrupted = store.mark_interrupted(reason="the service restarted while it was running")
+        interrupted, orphaned = store.mark_abandoned(reason="the service restarted while it was running")
         if interrupted:
             log.warning("marked %d job(s) interrupted: %s", len(interrupted), ", ".join(interrupted))
+        if orphaned:
+            log.warning("%d job(s) still run in a worker this process did not start; left to it: %s",
+                        len(orphaned), ", ".join(orphaned))
         registry = ModelRegistry(settings.models_dir)
         app.state.store, app.state.registry = store, registry
         app.state.api_keys = load_api_keys(settings)
@@ -96,6 +100,7 @@ def create_app(settings: Settings | None = None, detector_loader: Loader | None 
             app.state.checker.warm()  # the library's job checks import torch in a child: start it now
         await anyio.to_thread.run_sync(prune_job_files, settings, store)
         supervisor = WorkerSupervisor(settings, store)
+        supervisor.adopt(orphaned)
         supervisor.start()
         app.state.supervisor = supervisor
         tasks = [asyncio.create_task(_watch_workers(supervisor))]

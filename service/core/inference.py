@@ -64,10 +64,12 @@ def runtime_loader(threads: int = 1) -> Loader:
     return load
 
 
-def batchable(detector: Any) -> bool:
-    """A runtime detector whose file takes any batch size (``export.runtime.Detector`` with ``batch_size`` None)."""
-    return (callable(getattr(detector, "raw", None)) and hasattr(detector, "imgsz") and hasattr(detector, "names")
-            and getattr(detector, "batch_size", 1) is None)
+def batchable(detector: DetectorLike) -> bool:
+    """An ``export.runtime.Detector`` whose file takes any batch size (``batch_size`` None); other loaders'
+    detectors run one frame per call."""
+    from export.runtime import Detector
+
+    return isinstance(detector, Detector) and detector.batch_size is None
 
 
 @dataclass

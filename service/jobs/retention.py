@@ -5,7 +5,9 @@ run folder (checkpoints, merged weights), export staging, temporary files and up
 dataset are removed, and only ``job.log`` stays. A failed job can be resumed from its
 last checkpoint, so the runs of the ``keep_failed_runs`` jobs that failed last are kept
 and older ones are removed the same way. Queued, running and interrupted jobs keep
-everything.
+everything: a job's files are removed under the job store's write lock, after checking
+that the job is still in the state it was chosen in, so a failed job resumed meanwhile
+keeps its checkpoints.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from service.core.config import Settings
-from service.jobs.store import JobStore
+from service.jobs.store import Job, JobStore
 
 log = logging.getLogger("glasses_vision.service")
 
@@ -44,18 +46,21 @@ def remove_bulky(settings: Settings, job_id: str) -> bool:
     return removed
 
 
+def _remove_if_unchanged(settings: Settings, store: JobStore, job: Job) -> bool:
+    """Remove ``job``'s bulky folders if it is still as listed (a resume of it waits for the removal)."""
+    if not any((settings.jobs_dir / job.id / name).exists() for name in BULKY):
+        return False  # removed before: no need to take the lock
+    with store.unchanged(job) as still:
+        return still and remove_bulky(settings, job.id)
+
+
 def prune_job_files(settings: Settings, store: JobStore) -> list[str]:
     """Apply the retention rule to every ended job; returns the ids whose files were removed."""
-    pruned: list[str] = []
-    for state in ("succeeded", "cancelled"):
-        for job in store.list(state=state, limit=100_000):
-            if remove_bulky(settings, job.id):
-                pruned.append(job.id)
     # the last to fail first: a job submitted long ago that fails now (after a resume) keeps its checkpoints
     failed = sorted(store.list(state="failed", limit=100_000), key=lambda job: job.finished_at or 0.0, reverse=True)
-    for job in failed[settings.keep_failed_runs:]:
-        if remove_bulky(settings, job.id):
-            pruned.append(job.id)
+    ended = [*store.list(state="succeeded", limit=100_000), *store.list(state="cancelled", limit=100_000),
+             *failed[settings.keep_failed_runs:]]
+    pruned = [job.id for job in ended if _remove_if_unchanged(settings, store, job)]
     if pruned:
         log.info("removed the run files of %d ended job(s)", len(pruned))
     return pruned

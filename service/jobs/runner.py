@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -36,6 +37,9 @@ _NOT_METRICS = ("step", "total_steps", "world_size")
 _CANCEL_POLL_SECONDS = 0.5
 #: environment variables pointed at the job's own temporary folder while it runs (torch.compile, triton, ...).
 _TEMP_VARS = ("TMPDIR", "TEMP", "TMP", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+#: every job's lines go through this one logger (to the worker's own log too); a per-job logger would stay in
+#: ``logging``'s registry for the life of the process, one more for every job a worker runs.
+job_log = logging.getLogger("glasses_vision.job")
 
 
 def _jsonable(value: Any) -> Any:
@@ -117,15 +121,33 @@ class StopCheck:
         return self.stopped or self.cancelled
 
 
-def _job_logger(settings: Settings, job_id: str) -> tuple[logging.Logger, logging.Handler]:
+class _FromThread(logging.Filter):
+    """Passes the records logged by one thread: the job's file gets only the lines of the job run there."""
+
+    def __init__(self, thread_id: int):
+        super().__init__()
+        self.thread_id = thread_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread == self.thread_id
+
+
+@contextmanager
+def job_logging(settings: Settings, job_id: str) -> Iterator[logging.Logger]:
+    """``job_log`` writing to ``job.log`` of ``job_id`` (the lines this thread logs) for the ``with`` body;
+    the file is closed and the handler removed afterwards."""
     path = job_log_path(settings, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger(f"glasses_vision.job.{job_id}")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    return logger, handler
+    handler.addFilter(_FromThread(threading.get_ident()))
+    job_log.setLevel(logging.INFO)
+    job_log.addHandler(handler)
+    try:
+        yield job_log
+    finally:
+        job_log.removeHandler(handler)
+        handler.close()
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -149,17 +171,25 @@ def _recheck_datasets(job: Job, settings: Settings) -> None:
 
 def run_job(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[], bool]) -> str:
     """Run ``job`` to its end; returns the final state written to the store."""
-    log, handler = _job_logger(settings, job.id)
     try:
-        with job_temp_dir(job_dir(settings, job.id) / "tmp"):
+        with job_logging(settings, job.id) as log, job_temp_dir(job_dir(settings, job.id) / "tmp"):
             return _run(job, settings, store, worker_stop, log)
     finally:
-        log.removeHandler(handler)
-        handler.close()
         try:
             prune_job_files(settings, store)
         except OSError as exc:  # retention must never fail the job
-            log.warning("could not remove ended jobs' files: %s", exc)
+            job_log.warning("could not remove ended jobs' files: %s", exc)
+
+
+def _finish(store: JobStore, job: Job, state: str, log: logging.Logger, error: str | None = None,
+            model_id: str | None = None) -> str:
+    """Record the job's end unless it was taken from this worker meanwhile; returns the state it is in."""
+    if store.finish(job.id, state, error=error, model_id=model_id, worker_pid=job.worker_pid):
+        return state
+    now = store.get(job.id).state
+    log.warning("the job is %s, no longer running in this worker (pid %s): its end (%s) is not recorded",
+                now, job.worker_pid, state)
+    return now
 
 
 def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[], bool], log: logging.Logger) -> str:
@@ -186,8 +216,7 @@ def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[]
         # a cancel that came within the last poll interval, as the worker stopped, is still a cancel
         if stop.cancelled or (result.status == "stopped" and store.cancel_requested(job.id)):
             log.info("cancelled; the run's files are removed")
-            store.finish(job.id, "cancelled", error="cancelled on request")
-            return "cancelled"
+            return _finish(store, job, "cancelled", log, error="cancelled on request")
         if result.status == "stopped":
             log.info("stopped because the worker is shutting down; resume continues from the last checkpoint")
             store.mark_interrupted(worker_pid=job.worker_pid, reason="the worker stopped while it was running")
@@ -212,14 +241,13 @@ def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[]
             metrics=metrics, memory=memory, export=info.get("export", {}), verification=info.get("verification"),
             quantization=info.get("quantization"),
         )
-        store.finish(job.id, "succeeded", model_id=model_id)
-        log.info("registered model %s; job succeeded", model_id)
-        return "succeeded"
+        state = _finish(store, job, "succeeded", log, model_id=model_id)
+        if state == "succeeded":
+            log.info("registered model %s; job succeeded", model_id)
+        return state
     except GlassesVisionError as exc:
         log.error("failed: %s", exc)
-        store.finish(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
-        return "failed"
+        return _finish(store, job, "failed", log, error=f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # a bug or an environment problem: keep the worker alive, record it on the job
         log.error("failed with an unexpected error:\n%s", traceback.format_exc())
-        store.finish(job.id, "failed", error=f"unexpected {type(exc).__name__}: {exc}; see the job's log")
-        return "failed"
+        return _finish(store, job, "failed", log, error=f"unexpected {type(exc).__name__}: {exc}; see the job's log")

@@ -8,6 +8,11 @@ workers never take the same job.
 States: ``queued`` → ``running`` → ``succeeded`` | ``failed`` | ``cancelled`` |
 ``interrupted`` (the process running it went away; ``resume`` queues it again
 and the recipe continues from its last checkpoint).
+
+A running job names its worker by pid and by that process's start time
+(``service.jobs.processes``): a worker's result is recorded only while the job is
+still running in that worker (``finish(..., worker_pid=)``), and the API process
+marks a running job interrupted only once its worker is really gone.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, List
+from typing import Any, Collection, Iterator, List
 
 from models.errors import NotFoundError
 from service.core.errors import ConflictError, InsufficientStorageError, TooManyRequestsError
+from service.jobs.processes import process_alive, process_started
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 #: states a job never leaves by itself (``failed`` can still be resumed on request).
@@ -52,7 +58,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     resume INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
-    worker_pid INTEGER
+    worker_pid INTEGER,
+    worker_started REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 CREATE TABLE IF NOT EXISTS workers (
@@ -84,6 +91,8 @@ class Job:
     resume: bool = False
     attempts: int = 0
     worker_pid: int | None = None
+    #: the start time of the worker process (with ``worker_pid``: tells it from a later process given its pid)
+    worker_started: float | None = None
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> "Job":
@@ -108,6 +117,10 @@ class JobStore:
             with self._connect() as conn:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(_SCHEMA)
+            with self._transaction() as conn:  # a database made before the column existed
+                columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+                if "worker_started" not in columns:
+                    conn.execute("ALTER TABLE jobs ADD COLUMN worker_started REAL")
         finally:
             os.umask(old_umask)
         for suffix in ("", "-wal", "-shm"):
@@ -225,12 +238,7 @@ class JobStore:
             if max_active_per_owner is not None:
                 _check_owner_room(conn, spec["owner"], max_active_per_owner)
             if max_active_dataset_bytes is not None and spec.get("dataset_bytes"):
-                used = _active_dataset_bytes(conn)
-                if used + spec["dataset_bytes"] > max_active_dataset_bytes:
-                    raise InsufficientStorageError(
-                        f"this dataset ({spec['dataset_bytes']} bytes) and those of queued and running jobs "
-                        f"({used} bytes) pass the disk quota ({max_active_dataset_bytes} bytes); wait for jobs to end"
-                    )
+                _check_dataset_room(conn, spec["dataset_bytes"], max_active_dataset_bytes)
             conn.execute(
                 "INSERT INTO jobs (id, state, spec, created_at, updated_at) VALUES (?, 'queued', ?, ?, ?)",
                 (job_id, json.dumps(spec), now, now),
@@ -238,8 +246,9 @@ class JobStore:
         return self.get(job_id)
 
     def claim_next(self, worker_pid: int) -> Job | None:
-        """Atomically move the oldest queued job to ``running`` for this worker."""
+        """Atomically move the oldest queued job to ``running`` for this worker (its pid and start time)."""
         now = time.time()
+        started = process_started(worker_pid)
         with self._transaction() as conn:
             row = conn.execute(
                 "SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, id LIMIT 1"
@@ -247,9 +256,9 @@ class JobStore:
             if row is None:
                 return None
             conn.execute(
-                "UPDATE jobs SET state = 'running', worker_pid = ?, started_at = ?, updated_at = ?,"
-                " attempts = attempts + 1, error = NULL WHERE id = ?",
-                (worker_pid, now, now, row["id"]),
+                "UPDATE jobs SET state = 'running', worker_pid = ?, worker_started = ?, started_at = ?,"
+                " updated_at = ?, attempts = attempts + 1, error = NULL WHERE id = ?",
+                (worker_pid, started, now, now, row["id"]),
             )
         return self.get(row["id"])
 
@@ -278,18 +287,30 @@ class JobStore:
                 args.append(json.dumps(memory, default=str))
             conn.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*args, job_id))
 
-    def finish(self, job_id: str, state: str, error: str | None = None, model_id: str | None = None) -> None:
-        """Move a job to a final (or interrupted) state."""
+    def finish(
+        self, job_id: str, state: str, error: str | None = None, model_id: str | None = None,
+        *, worker_pid: int | None = None,
+    ) -> bool:
+        """Move a job to a final (or interrupted) state; returns whether it moved.
+
+        With ``worker_pid`` (a worker recording its result) only a job still running in that worker moves:
+        one that was taken from it meanwhile (marked interrupted, resumed, claimed by another worker) keeps
+        its newer state.
+        """
         if state not in FINAL_STATES and state != "interrupted":
             raise ValueError(f"finish() takes a final state, not {state!r}")
         now = time.time()
+        query = (
+            "UPDATE jobs SET state = ?, error = ?, model_id = COALESCE(?, model_id), finished_at = ?,"
+            " updated_at = ?, worker_pid = NULL, worker_started = NULL,"
+            " progress = CASE WHEN ? = 'succeeded' THEN 1.0 ELSE progress END WHERE id = ?"
+        )
+        args: list[Any] = [state, error, model_id, now, now, state, job_id]
+        if worker_pid is not None:
+            query += " AND state = 'running' AND worker_pid = ?"
+            args.append(worker_pid)
         with self._transaction() as conn:
-            conn.execute(
-                "UPDATE jobs SET state = ?, error = ?, model_id = COALESCE(?, model_id), finished_at = ?,"
-                " updated_at = ?, worker_pid = NULL, progress = CASE WHEN ? = 'succeeded' THEN 1.0 ELSE progress END"
-                " WHERE id = ?",
-                (state, error, model_id, now, now, state, job_id),
-            )
+            return conn.execute(query, args).rowcount > 0
 
     def request_cancel(self, job_id: str) -> Job:
         """Cancel a queued or interrupted job at once; ask a running one to stop."""
@@ -308,12 +329,28 @@ class JobStore:
                 conn.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, job_id))
         return self.get(job_id)
 
-    def requeue_for_resume(self, job_id: str) -> Job:
+    def requeue_for_resume(
+        self,
+        job_id: str,
+        *,
+        max_active_per_owner: int | None = None,
+        max_active_dataset_bytes: int | None = None,
+    ) -> Job:
         """Queue an interrupted (or failed) job again, continuing from its last checkpoint.
 
-        Jobs in any other state are returned unchanged (check ``state``).
+        Jobs in any other state are returned unchanged (check ``state``). A failed job becomes active again,
+        so with the limits it is counted as ``create`` counts a new job (its owner's active jobs, its uploaded
+        bytes), in the same transaction; an interrupted job is active already and keeps its place.
+        Raises ``TooManyRequestsError`` / ``InsufficientStorageError``.
         """
         with self._transaction() as conn:
+            row = conn.execute("SELECT state, spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and row["state"] == "failed":
+                spec = json.loads(row["spec"])
+                if max_active_per_owner is not None:
+                    _check_owner_room(conn, spec["owner"], max_active_per_owner)
+                if max_active_dataset_bytes is not None and spec.get("dataset_bytes"):
+                    _check_dataset_room(conn, spec["dataset_bytes"], max_active_dataset_bytes)
             conn.execute(
                 "UPDATE jobs SET state = 'queued', resume = 1, cancel_requested = 0, error = NULL,"
                 " finished_at = NULL, updated_at = ? WHERE id = ? AND state IN ('interrupted', 'failed')",
@@ -321,33 +358,47 @@ class JobStore:
             )
         return self.get(job_id)
 
+    @contextmanager
+    def unchanged(self, job: Job) -> Iterator[bool]:
+        """Hold the database's write lock for the ``with`` body and say whether ``job`` is still in the state,
+        and ended at the time, it was read with: until the body ends nobody can resume, claim or finish it.
+
+        Retention removes an ended job's files inside this, so a job resumed just before is left alone.
+        """
+        with self._transaction() as conn:
+            row = conn.execute("SELECT state, finished_at FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            yield row is not None and row["state"] == job.state and row["finished_at"] == job.finished_at
+
     def mark_interrupted(self, worker_pid: int | None = None, reason: str = "the service stopped") -> List[str]:
         """Mark running jobs (all, or those of one worker) as interrupted; returns their ids.
 
         A job whose cancel was requested (its worker went away before it saw the request) ends ``cancelled``.
+        The caller knows the worker is gone; ``mark_abandoned`` checks it.
         """
         query, args = "SELECT id, cancel_requested FROM jobs WHERE state = 'running'", []
         if worker_pid is not None:
             query += " AND worker_pid = ?"
             args.append(worker_pid)
-        now = time.time()
+        with self._transaction() as conn:
+            return _park(conn, conn.execute(query, args).fetchall(), reason)
+
+    def mark_abandoned(self, reason: str, job_ids: Collection[str] | None = None) -> tuple[List[str], List[str]]:
+        """Mark the running jobs whose worker process is gone as interrupted (cancelled when that was asked).
+
+        A job whose worker still runs (one left by an earlier API process, or started by hand) stays running:
+        that worker records its result. ``job_ids`` limits the check to those jobs. Returns the ids marked
+        interrupted and the ids left to a live worker.
+        """
+        query = "SELECT id, cancel_requested, worker_pid, worker_started FROM jobs WHERE state = 'running'"
+        args: list[str] = []
+        if job_ids is not None:
+            query += f" AND id IN ({','.join('?' * len(job_ids))})"
+            args.extend(job_ids)
         with self._transaction() as conn:
             rows = conn.execute(query, args).fetchall()
-            ids = [r["id"] for r in rows if not r["cancel_requested"]]
-            for row in rows:
-                if row["cancel_requested"]:
-                    conn.execute(
-                        "UPDATE jobs SET state = 'cancelled', worker_pid = NULL, finished_at = ?, updated_at = ?,"
-                        " error = 'cancelled on request' WHERE id = ?",
-                        (now, now, row["id"]),
-                    )
-            for job_id in ids:
-                conn.execute(
-                    "UPDATE jobs SET state = 'interrupted', worker_pid = NULL, updated_at = ?,"
-                    " error = ? WHERE id = ?",
-                    (now, f"interrupted: {reason}; resume the job to continue from its last checkpoint", job_id),
-                )
-        return ids
+            alive = {r["id"]: process_alive(r["worker_pid"], r["worker_started"]) for r in rows}
+            gone = [r for r in rows if not alive[r["id"]]]
+            return _park(conn, gone, reason), [r["id"] for r in rows if alive[r["id"]]]
 
     def cancel_requested(self, job_id: str) -> bool:
         with self._connect() as conn:
@@ -371,6 +422,36 @@ def _check_owner_room(conn: sqlite3.Connection, owner: str, limit: int) -> None:
             f"this key has {active} queued, running or interrupted jobs (limit {limit}); wait for one to end or "
             "cancel one, or raise GLASSES_VISION_MAX_ACTIVE_JOBS_PER_KEY"
         )
+
+
+def _check_dataset_room(conn: sqlite3.Connection, nbytes: int, quota: int) -> None:
+    used = _active_dataset_bytes(conn)
+    if used + nbytes > quota:
+        raise InsufficientStorageError(
+            f"this dataset ({nbytes} bytes) and those of queued and running jobs ({used} bytes) pass the disk "
+            f"quota ({quota} bytes); wait for jobs to end"
+        )
+
+
+def _park(conn: sqlite3.Connection, rows: list[sqlite3.Row], reason: str) -> List[str]:
+    """Running jobs whose worker is gone: cancelled if that was asked, else interrupted; returns the interrupted."""
+    now = time.time()
+    interrupted = []
+    for row in rows:
+        if row["cancel_requested"]:
+            conn.execute(
+                "UPDATE jobs SET state = 'cancelled', worker_pid = NULL, worker_started = NULL, finished_at = ?,"
+                " updated_at = ?, error = 'cancelled on request' WHERE id = ?",
+                (now, now, row["id"]),
+            )
+        else:
+            conn.execute(
+                "UPDATE jobs SET state = 'interrupted', worker_pid = NULL, worker_started = NULL, updated_at = ?,"
+                " error = ? WHERE id = ?",
+                (now, f"interrupted: {reason}; resume the job to continue from its last checkpoint", row["id"]),
+            )
+            interrupted.append(row["id"])
+    return interrupted
 
 
 def _active_dataset_bytes(conn: sqlite3.Connection) -> int:

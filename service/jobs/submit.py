@@ -98,3 +98,13 @@ def submit_job(
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def resume_job(job_id: str, *, settings: Settings, store: JobStore) -> Job:
+    """Queue an interrupted or failed job again (it continues from its last checkpoint); raises the error to
+    answer with. A failed job counts against its key's job limit and the disk quota again, as a new one does."""
+    job = store.requeue_for_resume(job_id, max_active_per_owner=settings.max_active_jobs_per_key,
+                                   max_active_dataset_bytes=settings.max_active_dataset_bytes)
+    if job.state != "queued" or not job.resume:
+        raise ConflictError(f"job {job_id} is {job.state}; only interrupted or failed jobs can be resumed")
+    return job

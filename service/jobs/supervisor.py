@@ -5,6 +5,10 @@ Training runs in these child processes, never in the API process: if one dies
 marked failed with the exit code and a hint to resume, and a fresh worker takes
 its place. On shutdown the workers get SIGTERM, stop at the next training step
 (their job becomes ``interrupted``, resumable), and are killed if they linger.
+
+Jobs that a still-running worker of an earlier API process (or one started by
+hand) runs when the API starts are left to that worker and watched here
+(``adopt``): the job becomes ``interrupted`` once that worker is gone.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class WorkerSupervisor:
         self._started_at = [0.0] * settings.job_workers
         self._fast_failures = [0] * settings.job_workers
         self._respawn_after = [0.0] * settings.job_workers
+        #: running jobs of workers this supervisor did not start (see ``adopt``)
+        self.adopted: set[str] = set()
 
     def _spawn(self, slot: int) -> subprocess.Popen:
         self._log_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +70,11 @@ class WorkerSupervisor:
         for slot in range(len(self.procs)):
             self.procs[slot] = self._spawn(slot)
 
+    def adopt(self, job_ids: list[str]) -> None:
+        """Watch running jobs whose worker this supervisor did not start: each becomes interrupted (resumable)
+        once its worker is gone without recording an end."""
+        self.adopted.update(job_ids)
+
     def alive(self) -> int:
         return sum(1 for p in self.procs if p is not None and p.poll() is None)
 
@@ -71,7 +82,13 @@ class WorkerSupervisor:
         return [p.pid for p in self.procs if p is not None and p.poll() is None]
 
     def check(self) -> None:
-        """Replace dead workers; their running job is marked failed (resumable), or cancelled if that was asked."""
+        """Replace dead workers; their running job is marked failed (resumable), or cancelled if that was asked.
+        Adopted jobs whose worker is gone are marked interrupted."""
+        if self.adopted:
+            gone, live = self.store.mark_abandoned("its worker process went away", job_ids=sorted(self.adopted))
+            for job_id in gone:
+                log.warning("job %s interrupted: the worker that ran it (not started by this service) is gone", job_id)
+            self.adopted = set(live)
         for slot, proc in enumerate(self.procs):
             if proc is None or proc.poll() is None:
                 continue
@@ -80,9 +97,9 @@ class WorkerSupervisor:
                 if job.worker_pid != proc.pid:
                     continue
                 if job.cancel_requested:  # it died before it saw the request: the job ends as asked
-                    self.store.finish(job.id, "cancelled", error="cancelled on request")
+                    self.store.finish(job.id, "cancelled", error="cancelled on request", worker_pid=proc.pid)
                     continue
-                self.store.finish(job.id, "failed", error=(
+                self.store.finish(job.id, "failed", worker_pid=proc.pid, error=(
                     f"the worker process exited with code {code} (a crash, or killed for memory) while running this "
                     "job; resume the job to continue from its last checkpoint"))
                 log.warning("job %s failed: worker %d exited with code %s", job.id, proc.pid, code)
