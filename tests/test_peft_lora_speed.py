@@ -41,12 +41,16 @@ CONVS = {
 }
 
 
+LAYOUTS = {"nchw": torch.contiguous_format, "channels-last": torch.channels_last}
+
+
 @pytest.mark.parametrize("make_conv", CONVS.values(), ids=list(CONVS))
 @pytest.mark.parametrize("adapters", [{"default": 4}, {"one": 2, "two": 3}], ids=["one-adapter", "two-adapters"])
-def test_composed_forward_and_adapter_grads_equal_the_adapter_conv_path(make_conv, adapters):
-    layer = _layer(make_conv(), adapters).train()
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=list(LAYOUTS))
+def test_composed_forward_and_adapter_grads_equal_the_adapter_conv_path(make_conv, adapters, layout):
+    layer = _layer(make_conv(), adapters).train().to(memory_format=layout)
     assert layer.can_compose(layer.active_adapters)
-    x = torch.randn(2, layer.base_layer.in_channels, 11, 13, requires_grad=True)
+    x = torch.randn(2, layer.base_layer.in_channels, 11, 13).contiguous(memory_format=layout).requires_grad_()
 
     composed = layer(x)
     reference = _adapter_conv_path(layer, x)
@@ -59,6 +63,17 @@ def test_composed_forward_and_adapter_grads_equal_the_adapter_conv_path(make_con
     want_x, = torch.autograd.grad(_adapter_conv_path(layer, x), x, g)
     torch.testing.assert_close(got_x, want_x, rtol=1e-4, atol=1e-5)
     assert layer.base_layer.weight.grad is None
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=list(LAYOUTS))
+def test_composed_weight_is_the_merged_kernel_in_the_weight_s_own_layout(layout):
+    """What merging would fold in, built without copying the kernel into another layout (the recipe trains
+    channels-last on the CPU)."""
+    layer = _layer(nn.Conv2d(8, 12, 3, padding=1), {"one": 2, "two": 3}).to(memory_format=layout)
+    merged = layer.base_layer.weight + layer.get_delta_weight("one") + layer.get_delta_weight("two")
+    composed = layer.composed_weight(["one", "two"])
+    torch.testing.assert_close(composed, merged, rtol=1e-6, atol=1e-6)
+    assert composed.is_contiguous(memory_format=layout)
 
 
 def test_frozen_base_weight_gets_no_grad_and_composition_trains():

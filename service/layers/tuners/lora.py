@@ -408,11 +408,22 @@ class LoRALayer(BaseTunerLayer):
         per adapter, run twice under gradient checkpointing. ``A`` and ``B`` get their gradients
         through the composed kernel; the frozen base weight gets none.
         """
+        return self._apply_weight(x, self.composed_weight(names), self.base_layer.bias)
+
+    def composed_weight(self, names: Sequence[str]) -> torch.Tensor:
+        """``W + sum s * (B (x) A)`` for conv adapters ``names``: one ``addmm`` per adapter on the kernels
+        flattened in their memory order (``(c_out, k, k, c_in)`` for channels-last weights, as the recipe trains on
+        the CPU), so that no kernel is copied into another layout and no separate scale or add runs."""
         weight = self.base_weight()
-        delta = self.get_delta_weight(names[0])
-        for name in names[1:]:
-            delta = delta + self.get_delta_weight(name)
-        return self._apply_weight(x, weight + delta.to(weight.dtype), self.base_layer.bias)
+        order = (0, 2, 3, 1) if weight.is_contiguous(memory_format=torch.channels_last) else (0, 1, 2, 3)
+        kernel = weight.permute(order)
+        out = kernel.reshape(kernel.shape[0], -1)  # a view when the weight is dense in that order
+        for name in names:
+            a, b = self.lora_weights(name)
+            a = a.to(weight.dtype).permute(order)
+            out = torch.addmm(out, b.to(weight.dtype).flatten(1), a.reshape(a.shape[0], -1), alpha=self.scaling[name])
+        inverse = tuple(order.index(i) for i in range(4))
+        return out.view(kernel.shape).permute(inverse)
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
