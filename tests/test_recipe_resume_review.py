@@ -85,6 +85,14 @@ def test_glasses_vision_train_resume_refuses_a_new_lr(run_copy, capsys):
     assert "lr 0.002 -> 0.005" in capsys.readouterr().err
 
 
+def test_glasses_vision_train_resume_refuses_a_setting_even_at_its_default(run_copy, capsys):
+    """--lr 0.001 is TrainConfig's default: without the run's saved config as the start it looked not given."""
+    from service.cli import main
+
+    assert main(["train", "--resume", str(run_copy), "--lr", "0.001", "--quiet"]) == 2
+    assert "lr 0.002 -> 0.001" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("batch, accumulate, world, refused", [
     (4, 1, 2, "global batch of 4 images .* would take 8 images .* batch 4 and accumulate 1 on 1 process"),
     (2, 1, 1, "would take 2 images .* e.g. accumulate 2 with batch 2 on 1 process"),

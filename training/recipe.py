@@ -312,21 +312,22 @@ def resolve_resume_config(config: TrainConfig, world: int = 1) -> TrainConfig:
     with ``data`` every field of ``config`` is given. Given settings in :data:`RESUME_MAY_CHANGE` apply; any other
     that differs from the saved one raises ``ConfigError`` naming it, as does a different global batch.
     """
-    if not config.resume:
+    resume = config.resume
+    if not resume:
         return config
-    ckpt = find_checkpoint(config.resume)
+    ckpt = find_checkpoint(resume)
     run_dir = run_dir_of(ckpt)
     defaults = TrainConfig().to_dict()
     if config.out in ("", defaults["out"]):  # not given: continue in the run's own directory
         config = dataclasses.replace(config, out=str(run_dir))
     if config.data:
-        saved = saved_run_config(config.resume) if (run_dir / "config.yaml").is_file() else None
+        saved = saved_run_config(resume) if (run_dir / "config.yaml").is_file() else None
         given, resolved = config.to_dict(), config
     else:
-        saved = saved_run_config(config.resume)
+        saved = saved_run_config(resume)
         given = {k: v for k, v in config.to_dict().items() if v != defaults[k]}
         applied = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
-        resolved = dataclasses.replace(saved, **{**applied, "resume": str(config.resume)})
+        resolved = dataclasses.replace(saved, **{**applied, "resume": str(resume)})
     if saved is not None:
         refused = {k: (getattr(saved, k), v) for k, v in given.items()
                    if k not in RESUME_MAY_CHANGE and k != "resume" and _setting_differs(k, getattr(saved, k), v)}

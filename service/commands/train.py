@@ -51,8 +51,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
     add("--workers", type=int, help="DataLoader workers (default 0)")
     add("--seed", type=int, help="seed (default 0)")
     add("--device", choices=["auto", "cpu", "cuda"], help="device (default auto)")
-    add("--out", help="run directory (default runs/train)")
-    add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    add("--out", help="run directory (default runs/train); a run without --resume starts it over (an earlier run's "
+                      "checkpoints and outputs there are removed)")
+    add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint with its own settings; "
+                                            "--max-steps / --epochs / reporting flags may change, others are refused")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="set any TrainConfig field (YAML value)")
     add("--quiet", action="store_true", default=None, help="no progress bars")
     parser.set_defaults(func=run)
@@ -60,11 +62,19 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
 
 
 def config_from_args(args: argparse.Namespace):
-    """The TrainConfig the flags (and ``--config``) describe."""
+    """The TrainConfig the flags (and ``--config``) describe. ``--resume RUN_DIR`` without ``--config`` starts from the
+    run's own ``config.yaml``, so that a flag that differs from it applies or is refused by name (never ignored)."""
+    from training.checkpoint import find_checkpoint
     from training.config import TrainConfig
+    from training.recipe import run_dir_of, saved_run_config
     from training.train import parse_overrides
 
-    values = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    if args.config:
+        values = TrainConfig.from_file(args.config).to_dict()
+    elif args.resume:
+        values = {**saved_run_config(args.resume).to_dict(), "out": str(run_dir_of(find_checkpoint(args.resume)))}
+    else:
+        values = {}
     values.update({k: getattr(args, k) for k in TrainConfig.field_names() if getattr(args, k, None) is not None})
     if args.mosaic is not None:
         values["augment_settings"] = {**values.get("augment_settings", {}), "mosaic": args.mosaic}

@@ -14,6 +14,7 @@ from service.core.config import Settings
 from service.core.errors import ConflictError, UnsupportedMediaError
 from service.jobs.spec import job_log_path
 from service.jobs.store import FINAL_STATES, MAX_OFFSET, STATES, Job, JobStore
+from service.jobs import submit
 from service.jobs.submit import submit_job
 from service.registry import ModelRegistry
 
@@ -149,10 +150,9 @@ async def cancel_job(job_id: str, store: JobStore = Depends(get_store)) -> JobOu
 
 @router.post("/{job_id}/resume", response_model=JobOut,
              summary="Queue an interrupted or failed job again; it continues from its last checkpoint",
-             responses=error_responses(401, 404, 409))
-async def resume_job(job_id: str, store: JobStore = Depends(get_store)) -> JobOut:
-    job = await anyio.to_thread.run_sync(store.requeue_for_resume, job_id)
-    if job.state != "queued" or not job.resume:
-        raise ConflictError(f"job {job_id} is {job.state}; only interrupted or failed jobs can be resumed")
+             responses=error_responses(401, 404, 409, 429, 507))
+async def resume_job(job_id: str, store: JobStore = Depends(get_store),
+                     settings: Settings = Depends(get_settings)) -> JobOut:
+    job = await anyio.to_thread.run_sync(lambda: submit.resume_job(job_id, settings=settings, store=store))
     return job_out(job)
 
