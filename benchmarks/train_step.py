@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --out /tmp/train_step --quick         # a smoke run (tests)
     python benchmarks/train_step.py --out runs/train_step --setups full-adamw,ultralytics --steps 30 --rounds 3
     python benchmarks/train_step.py --out runs/train_step --profile full-adamw   # cProfile one run, top lines
+    python benchmarks/train_step.py --out runs/train_step --op-profile full-adamw,ultralytics  # torch ops per step
     python benchmarks/train_step.py --out runs/train_step --data-loading        # batch loading alone, both pipelines
 
 Every setup starts from the shipped base (YOLO11n) and trains on the same generated egocentric
@@ -109,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (2 steps of 4 images at 64 px, one round)")
     p.add_argument("--profile", metavar="SETUP", help="instead of timing: run SETUP once under cProfile and print "
                    "the functions with the most cumulative time")
+    p.add_argument("--op-profile", metavar="SETUPS", help="instead of timing: run each of these setups once under "
+                   "torch.profiler and print, side by side, the ops with the most self CPU time per optimizer step "
+                   "(the data loader's batches included)")
     p.add_argument("--data-loading", action="store_true", help="instead of training: time loading + augmenting "
                    "batches alone, our loader against ultralytics' (its trainer's dataset and loader), interleaved")
     p.add_argument("--doc", help="write the Markdown report here (default <out>/train_step.md)")
@@ -249,6 +253,27 @@ def profile_once(setup: Setup, data: Path, scale: Scale, base: str, out: Path, t
             f"load {record['load_average']}\n" + text.getvalue())
 
 
+def op_profile(setups: list[Setup], data: Path, scale: Scale, base: str, out: Path, threads: int,
+               top: int = 20) -> str:
+    """Each setup run once under ``torch.profiler``: self CPU time per optimizer step of the ``top`` ops (over all
+    setups), one column per setup. The runs' setup and final evaluation are included, divided by the step count."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    columns: dict[str, dict[str, float]] = {}
+    lines = []
+    for s in setups:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            record = run_once(s, data, scale, base, out / s.name, threads)
+        torch.use_deterministic_algorithms(False)  # ultralytics' trainer turns it on for the whole process
+        columns[s.name] = {e.key: e.self_cpu_time_total / 1000 / scale.steps for e in prof.key_averages()}
+        lines.append(f"{s.name}: median {record['median_s']:.3f} s/step while profiled, load {record['load_average']}")
+    names = sorted({k for c in columns.values() for k in c}, key=lambda k: -max(c.get(k, 0.0) for c in columns.values()))
+    header = f"{'op (self CPU ms per step)':60s}" + "".join(f"{n[:18]:>20s}" for n in columns)
+    rows = [f"{k[:60]:60s}" + "".join(f"{c.get(k, 0.0):20.2f}" for c in columns.values()) for k in names[:top]]
+    return "\n".join(lines + ["", header, *rows])
+
+
 def time_data_loading(data: Path, scale: Scale, threads: int) -> dict[str, Any]:
     """Seconds per batch of loading + augmenting + collating alone, for our loader (the recipe's) and ultralytics'
     (the dataset and loader its trainer builds, its default hyperparameters), in the main process, interleaved."""
@@ -372,6 +397,8 @@ def main(argv=None) -> int:
     names = [n.strip() for n in args.setups.split(",")] if args.setups else list(known)
     if args.profile:
         names = [args.profile]
+    elif args.op_profile:
+        names = [n.strip() for n in args.op_profile.split(",")]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown setups {unknown}; known: {', '.join(known)}")
@@ -382,6 +409,9 @@ def main(argv=None) -> int:
         medians = time_data_loading(data, scale, args.threads)
         print("\n".join(f"{name}: {1000 * t:.1f} ms per batch of {scale.batch} ({scale.batch / t:.0f} images/s)"
                         for name, t in medians.items()) + f"; load {os.getloadavg()[0]:.2f}")
+        return 0
+    if args.op_profile:
+        print(op_profile(setups, data, scale, args.base, out / "runs" / "op-profile", args.threads))
         return 0
     if args.profile:
         print(profile_once(setups[0], data, scale, args.base, out / "runs" / f"profile-{args.profile}", args.threads))

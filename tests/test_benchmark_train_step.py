@@ -57,3 +57,19 @@ def test_quick_run_times_both_trainers_and_writes_the_report(bench, tmp_path):
     text = (out / "train_step.md").read_text()
     assert "| ours: full FT, AdamW |" in text and "| ultralytics' trainer: full FT, AdamW |" in text
     assert "- full-adamw:" in text and "--quick" in text
+
+
+def test_op_profile_prints_torch_ops_per_step(bench, tmp_path, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--out", str(tmp_path / "bench"), "--quick", "--op-profile", "full-adamw", "--threads", "1",
+                           "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert "op (self CPU ms per step)" in text and "full-adamw" in text
+    rows = [line for line in text.splitlines() if line.startswith("aten::")]
+    assert rows and any(line.startswith("aten::convolution_backward") for line in rows)
+    assert all(float(line.split()[-1]) >= 0 for line in rows)
