@@ -7,7 +7,8 @@ last checkpoint, so the runs of the ``keep_failed_runs`` jobs that failed last a
 and older ones are removed the same way. Queued, running and interrupted jobs keep
 everything: a job's files are removed under the job store's write lock, after checking
 that the job is still in the state it was chosen in, so a failed job resumed meanwhile
-keeps its checkpoints.
+keeps its checkpoints. When that removal takes what a resume needs (the run's
+checkpoints, the uploaded dataset), the job records it and can no longer be resumed.
 """
 
 from __future__ import annotations
@@ -46,11 +47,27 @@ def remove_bulky(settings: Settings, job_id: str) -> bool:
     return removed
 
 
+def needed_to_resume(settings: Settings, job: Job) -> str | None:
+    """What of ``job``'s files a resume needs and would lose with them (None: a resume would start over as it
+    would anyway): the run's checkpoints, the uploaded dataset."""
+    root = settings.jobs_dir / job.id
+    checkpoints = root / "run" / "checkpoints"
+    needed = []
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        needed.append("run's checkpoints")
+    if job.spec.get("uploaded_dataset") and (root / "dataset").exists():
+        needed.append("uploaded dataset")
+    return " and ".join(needed) or None
+
+
 def _remove_if_unchanged(settings: Settings, store: JobStore, job: Job) -> bool:
-    """Remove ``job``'s bulky folders if it is still as listed (a resume of it waits for the removal)."""
+    """Remove ``job``'s bulky folders if it is still as listed (a resume of it waits for the removal); a failed
+    job records what a resume would have needed of them."""
     if not any((settings.jobs_dir / job.id / name).exists() for name in BULKY):
         return False  # removed before: no need to take the lock
-    with store.unchanged(job) as still:
+    # read before the lock: while the job stays failed (checked under it) no worker touches its files
+    removes = needed_to_resume(settings, job) if job.state == "failed" else None
+    with store.unchanged(job, removes=removes) as still:
         return still and remove_bulky(settings, job.id)
 
 

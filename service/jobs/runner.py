@@ -5,6 +5,10 @@ also lands in ``<home>/jobs/<id>/job.log`` (served by ``GET /v1/jobs/{id}/logs``
 A stop request (cancel, or the worker shutting down) is passed to the recipe's
 ``should_stop``; the recipe saves its checkpoint and returns, and the job ends
 ``cancelled`` or ``interrupted`` (resumable).
+
+Every write to the job (progress, its end, the model it registers) is made only
+while the job is still running in this worker; a job taken from it (marked
+interrupted, resumed elsewhere) is stopped at the next step and left as it is.
 """
 
 from __future__ import annotations
@@ -59,10 +63,11 @@ def _scalar_metrics(data: dict[str, Any]) -> dict[str, float]:
 
 
 class JobProgress:
-    """The recipe's ``on_event`` callback (``training.recipe.EventFn``): events -> job store + job log."""
+    """The recipe's ``on_event`` callback (``training.recipe.EventFn``): events -> job store + job log, while
+    the job still runs in this worker."""
 
-    def __init__(self, store: JobStore, job_id: str, log: logging.Logger):
-        self.store, self.job_id, self.log = store, job_id, log
+    def __init__(self, store: JobStore, job: Job, log: logging.Logger):
+        self.store, self.job, self.log = store, job, log
 
     def __call__(self, event: dict[str, Any]) -> None:
         step = event.get("step") if isinstance(event.get("step"), int) else None
@@ -73,7 +78,9 @@ class JobProgress:
             metrics.update(_scalar_metrics(nested))
         memory = event.get("memory")
         memory = _jsonable(memory) if isinstance(memory, dict) else None
-        self.store.update_progress(self.job_id, step=step, total_steps=total, metrics=metrics, memory=memory)
+        if not self.store.update_progress(self.job.id, step=step, total_steps=total, metrics=metrics, memory=memory,
+                                          worker_pid=self.job.worker_pid):
+            return  # taken from this worker: StopCheck stops the run
         kind = event.get("event", "event")
         shown = " ".join(f"{k}={v:.5g}" for k, v in metrics.items())
         where = "" if step is None else f"[{step}/{total}] " if total else f"[{step}] "
@@ -103,22 +110,26 @@ def job_temp_dir(folder: Path) -> Iterator[Path]:
 
 
 class StopCheck:
-    """``should_stop`` for the recipe: the worker is stopping, or the job was cancelled (polled at most every 0.5 s)."""
+    """``should_stop`` for the recipe: the worker is stopping, the job was cancelled, or it was taken from this
+    worker (the store is polled at most every 0.5 s)."""
 
-    def __init__(self, store: JobStore, job_id: str, worker_stop: Callable[[], bool]):
-        self.store, self.job_id, self.worker_stop = store, job_id, worker_stop
+    def __init__(self, store: JobStore, job: Job, worker_stop: Callable[[], bool]):
+        self.store, self.job, self.worker_stop = store, job, worker_stop
         self._next_poll = 0.0
         self.cancelled = False
         self.stopped = False
+        self.taken = False
 
     def __call__(self) -> bool:
         if self.worker_stop():
             self.stopped = True
         now = time.monotonic()
-        if not self.cancelled and now >= self._next_poll:
+        if not (self.cancelled or self.taken) and now >= self._next_poll:
             self._next_poll = now + _CANCEL_POLL_SECONDS
-            self.cancelled = self.store.cancel_requested(self.job_id)
-        return self.stopped or self.cancelled
+            self.cancelled = self.store.cancel_requested(self.job.id)
+            pid = self.job.worker_pid
+            self.taken = pid is not None and not self.store.runs_in(self.job.id, pid)
+        return self.stopped or self.cancelled or self.taken
 
 
 class _FromThread(logging.Filter):
@@ -181,21 +192,26 @@ def run_job(job: Job, settings: Settings, store: JobStore, worker_stop: Callable
             job_log.warning("could not remove ended jobs' files: %s", exc)
 
 
+def _not_recorded(store: JobStore, job: Job, log: logging.Logger, what: str) -> str:
+    """Say that ``what`` of a job taken from this worker is not recorded; returns the state the job is in."""
+    now = store.get(job.id).state
+    log.warning("the job is %s, no longer running in this worker (pid %s): %s is not recorded",
+                now, job.worker_pid, what)
+    return now
+
+
 def _finish(store: JobStore, job: Job, state: str, log: logging.Logger, error: str | None = None,
             model_id: str | None = None) -> str:
     """Record the job's end unless it was taken from this worker meanwhile; returns the state it is in."""
     if store.finish(job.id, state, error=error, model_id=model_id, worker_pid=job.worker_pid):
         return state
-    now = store.get(job.id).state
-    log.warning("the job is %s, no longer running in this worker (pid %s): its end (%s) is not recorded",
-                now, job.worker_pid, state)
-    return now
+    return _not_recorded(store, job, log, f"its end ({state})")
 
 
 def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[], bool], log: logging.Logger) -> str:
     request, model_id = job.spec["request"], job.spec["model_id"]
     run_dir = job_run_dir(settings, job.id)
-    stop = StopCheck(store, job.id, worker_stop)
+    stop = StopCheck(store, job, worker_stop)
     try:
         import torch
 
@@ -209,21 +225,26 @@ def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[]
         config = build_train_config(request, job.spec, run_dir, resume=resume)
         log.info("job %s %s (attempt %d): %s", job.id, "resumed" if resume else "started", job.attempts,
                  json.dumps(request, sort_keys=True))
-        result: TrainResult = train(config, on_event=JobProgress(store, job.id, log), should_stop=stop)
+        result: TrainResult = train(config, on_event=JobProgress(store, job, log), should_stop=stop)
+        if stop.taken:
+            return _not_recorded(store, job, log, "the rest of its run (stopped at the next step)")
         memory = _jsonable(result.memory) if result.memory else None
         if memory is not None:
-            store.update_progress(job.id, memory=memory)
+            store.update_progress(job.id, memory=memory, worker_pid=job.worker_pid)
         # a cancel that came within the last poll interval, as the worker stopped, is still a cancel
         if stop.cancelled or (result.status == "stopped" and store.cancel_requested(job.id)):
             log.info("cancelled; the run's files are removed")
             return _finish(store, job, "cancelled", log, error="cancelled on request")
         if result.status == "stopped":
             log.info("stopped because the worker is shutting down; resume continues from the last checkpoint")
-            store.mark_interrupted(worker_pid=job.worker_pid, reason="the worker stopped while it was running")
-            return "interrupted"
+            if job.id in store.mark_interrupted(worker_pid=job.worker_pid,
+                                                reason="the worker stopped while it was running"):
+                return "interrupted"
+            return _not_recorded(store, job, log, "its interruption")
         metrics = _jsonable(result.metrics)
-        store.update_progress(job.id, step=result.steps, total_steps=result.total_steps,
-                              metrics=_scalar_metrics(metrics))
+        if not store.update_progress(job.id, step=result.steps, total_steps=result.total_steps,
+                                     metrics=_scalar_metrics(metrics), worker_pid=job.worker_pid):
+            return _not_recorded(store, job, log, "its result (no export, no model)")
         export = dict(request.get("export") or {})
         log.info("training done; exporting %s to ONNX (%s)", result.merged_dir, json.dumps(export, sort_keys=True))
         from service.jobs.exporting import export_for_registry
@@ -235,16 +256,21 @@ def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[]
             verify=export.get("verify", True), int8_calibration=calibration,
         )
         log.info("exported %s; verification: %s", onnx_tmp, json.dumps(info.get("verification"), default=str))
-        ModelRegistry(settings.models_dir).register(
-            model_id, onnx_tmp, move=True, source=f"job {job.id}", job_id=job.id,
-            base_model=request.get("base_model"), classes=info.get("classes"), imgsz=info.get("imgsz"),
-            metrics=metrics, memory=memory, export=info.get("export", {}), verification=info.get("verification"),
-            quantization=info.get("quantization"),
-        )
-        state = _finish(store, job, "succeeded", log, model_id=model_id)
-        if state == "succeeded":
-            log.info("registered model %s; job succeeded", model_id)
-        return state
+        registry = ModelRegistry(settings.models_dir)
+        # registered only if the job is still this worker's, and in the transaction that records it succeeded:
+        # a job taken from it meanwhile leaves no model behind, a failed registration no succeeded job
+        with store.finishing(job.id, "succeeded", model_id=model_id, worker_pid=job.worker_pid) as its_own:
+            if its_own:
+                registry.register(
+                    model_id, onnx_tmp, move=True, source=f"job {job.id}", job_id=job.id,
+                    base_model=request.get("base_model"), classes=info.get("classes"), imgsz=info.get("imgsz"),
+                    metrics=metrics, memory=memory, export=info.get("export", {}),
+                    verification=info.get("verification"), quantization=info.get("quantization"),
+                )
+        if not its_own:
+            return _not_recorded(store, job, log, f"its model ({model_id}, not registered) and its end (succeeded)")
+        log.info("registered model %s; job succeeded", model_id)
+        return "succeeded"
     except GlassesVisionError as exc:
         log.error("failed: %s", exc)
         return _finish(store, job, "failed", log, error=f"{type(exc).__name__}: {exc}")

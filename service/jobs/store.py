@@ -10,9 +10,10 @@ States: ``queued`` → ``running`` → ``succeeded`` | ``failed`` | ``cancelled`
 and the recipe continues from its last checkpoint).
 
 A running job names its worker by pid and by that process's start time
-(``service.jobs.processes``): a worker's result is recorded only while the job is
-still running in that worker (``finish(..., worker_pid=)``), and the API process
-marks a running job interrupted only once its worker is really gone.
+(``service.jobs.processes``): every write a worker makes to its job (progress,
+its end, the model it registers: ``worker_pid=``) is made only while the job is
+still running in that worker, and the API process marks a running job interrupted
+only once its worker is really gone.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     resume INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
     worker_pid INTEGER,
-    worker_started REAL
+    worker_started REAL,
+    retention_removed TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 CREATE TABLE IF NOT EXISTS workers (
@@ -67,6 +69,10 @@ CREATE TABLE IF NOT EXISTS workers (
     seen_at REAL NOT NULL
 );
 """
+#: columns added after the first release, with their types (an older database gains them when opened)
+_ADDED_COLUMNS = (("worker_started", "REAL"), ("retention_removed", "TEXT"))
+#: the condition a worker's write to its job carries: the job still runs in that worker
+_STILL_ITS_OWN = " AND state = 'running' AND worker_pid = ?"
 
 
 @dataclass
@@ -93,6 +99,9 @@ class Job:
     worker_pid: int | None = None
     #: the start time of the worker process (with ``worker_pid``: tells it from a later process given its pid)
     worker_started: float | None = None
+    #: what retention removed that a resume needs (the run's checkpoints, the uploaded dataset); such a failed
+    #: job cannot be resumed
+    retention_removed: str | None = None
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> "Job":
@@ -117,10 +126,11 @@ class JobStore:
             with self._connect() as conn:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(_SCHEMA)
-            with self._transaction() as conn:  # a database made before the column existed
+            with self._transaction() as conn:  # a database made before these columns existed
                 columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
-                if "worker_started" not in columns:
-                    conn.execute("ALTER TABLE jobs ADD COLUMN worker_started REAL")
+                for name, kind in _ADDED_COLUMNS:
+                    if name not in columns:
+                        conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         finally:
             os.umask(old_umask)
         for suffix in ("", "-wal", "-shm"):
@@ -269,12 +279,23 @@ class JobStore:
         total_steps: int | None = None,
         metrics: dict[str, Any] | None = None,
         memory: dict[str, Any] | None = None,
-    ) -> None:
-        """Record training progress; ``metrics`` are merged into the latest ones."""
+        *,
+        worker_pid: int | None = None,
+    ) -> bool:
+        """Record training progress; ``metrics`` are merged into the latest ones. Returns whether it was recorded.
+
+        With ``worker_pid`` (a worker reporting) only a job still running in that worker is written: one taken
+        from it meanwhile keeps the progress of whoever runs it now.
+        """
+        where: list[Any] = [job_id]
+        query = "SELECT step, total_steps, metrics FROM jobs WHERE id = ?"
+        if worker_pid is not None:
+            query += _STILL_ITS_OWN
+            where.append(worker_pid)
         with self._transaction() as conn:
-            row = conn.execute("SELECT step, total_steps, metrics FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute(query, where).fetchone()
             if row is None:
-                return
+                return False
             step = row["step"] if step is None else int(step)
             total = row["total_steps"] if total_steps is None else int(total_steps)
             merged = json.loads(row["metrics"] or "{}")
@@ -286,6 +307,7 @@ class JobStore:
                 sets += ", memory = ?"
                 args.append(json.dumps(memory, default=str))
             conn.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*args, job_id))
+        return True
 
     def finish(
         self, job_id: str, state: str, error: str | None = None, model_id: str | None = None,
@@ -297,6 +319,21 @@ class JobStore:
         one that was taken from it meanwhile (marked interrupted, resumed, claimed by another worker) keeps
         its newer state.
         """
+        with self.finishing(job_id, state, error=error, model_id=model_id, worker_pid=worker_pid) as moved:
+            return moved
+
+    @contextmanager
+    def finishing(
+        self, job_id: str, state: str, error: str | None = None, model_id: str | None = None,
+        *, worker_pid: int | None = None,
+    ) -> Iterator[bool]:
+        """``finish`` as one transaction with the ``with`` body: yields whether the job moves (see ``finish``);
+        it is recorded when the body ends, and not at all when the body raises.
+
+        A worker registers its model in the body, only when the job moves: no job is taken from it between the
+        check and the registration (the database's write lock is held), and a failed registration leaves the
+        job running for the worker to record it failed.
+        """
         if state not in FINAL_STATES and state != "interrupted":
             raise ValueError(f"finish() takes a final state, not {state!r}")
         now = time.time()
@@ -307,10 +344,10 @@ class JobStore:
         )
         args: list[Any] = [state, error, model_id, now, now, state, job_id]
         if worker_pid is not None:
-            query += " AND state = 'running' AND worker_pid = ?"
+            query += _STILL_ITS_OWN
             args.append(worker_pid)
-        with self._transaction() as conn:
-            return conn.execute(query, args).rowcount > 0
+        with self._transaction() as conn:  # the body raising rolls the update back
+            yield conn.execute(query, args).rowcount > 0
 
     def request_cancel(self, job_id: str) -> Job:
         """Cancel a queued or interrupted job at once; ask a running one to stop."""
@@ -341,11 +378,18 @@ class JobStore:
         Jobs in any other state are returned unchanged (check ``state``). A failed job becomes active again,
         so with the limits it is counted as ``create`` counts a new job (its owner's active jobs, its uploaded
         bytes), in the same transaction; an interrupted job is active already and keeps its place.
-        Raises ``TooManyRequestsError`` / ``InsufficientStorageError``.
+        A failed job whose checkpoints or uploaded dataset retention removed is refused (``ConflictError``):
+        it would start over, or fail without its data.
+        Raises ``ConflictError`` / ``TooManyRequestsError`` / ``InsufficientStorageError``.
         """
         with self._transaction() as conn:
-            row = conn.execute("SELECT state, spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute("SELECT state, spec, retention_removed FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is not None and row["state"] == "failed":
+                if row["retention_removed"]:
+                    raise ConflictError(
+                        f"job {job_id} cannot be resumed: retention removed its {row['retention_removed']} (only the "
+                        "jobs that failed last keep them, GLASSES_VISION_KEEP_FAILED_RUNS); submit the job again"
+                    )
                 spec = json.loads(row["spec"])
                 if max_active_per_owner is not None:
                     _check_owner_room(conn, spec["owner"], max_active_per_owner)
@@ -359,15 +403,20 @@ class JobStore:
         return self.get(job_id)
 
     @contextmanager
-    def unchanged(self, job: Job) -> Iterator[bool]:
+    def unchanged(self, job: Job, removes: str | None = None) -> Iterator[bool]:
         """Hold the database's write lock for the ``with`` body and say whether ``job`` is still in the state,
         and ended at the time, it was read with: until the body ends nobody can resume, claim or finish it.
 
         Retention removes an ended job's files inside this, so a job resumed just before is left alone.
+        ``removes`` (what of it a resume needs the body removes) is recorded with the job when it is unchanged
+        and the body ends without an error: ``requeue_for_resume`` then refuses it.
         """
         with self._transaction() as conn:
             row = conn.execute("SELECT state, finished_at FROM jobs WHERE id = ?", (job.id,)).fetchone()
-            yield row is not None and row["state"] == job.state and row["finished_at"] == job.finished_at
+            still = row is not None and row["state"] == job.state and row["finished_at"] == job.finished_at
+            yield still
+            if still and removes:
+                conn.execute("UPDATE jobs SET retention_removed = ? WHERE id = ?", (removes, job.id))
 
     def mark_interrupted(self, worker_pid: int | None = None, reason: str = "the service stopped") -> List[str]:
         """Mark running jobs (all, or those of one worker) as interrupted; returns their ids.
@@ -404,6 +453,12 @@ class JobStore:
         with self._connect() as conn:
             row = conn.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
+
+    def runs_in(self, job_id: str, worker_pid: int) -> bool:
+        """Whether the job is still running in worker ``worker_pid`` (not taken from it meanwhile)."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT 1 FROM jobs WHERE id = ?" + _STILL_ITS_OWN, (job_id, worker_pid)).fetchone()
+        return row is not None
 
 
 def _active_for(conn: sqlite3.Connection, owner: str) -> int:

@@ -102,7 +102,13 @@ def submit_job(
 
 def resume_job(job_id: str, *, settings: Settings, store: JobStore) -> Job:
     """Queue an interrupted or failed job again (it continues from its last checkpoint); raises the error to
-    answer with. A failed job counts against its key's job limit and the disk quota again, as a new one does."""
+    answer with. A failed job counts against its key's job limit and the disk quota again, as a new one does;
+    one whose checkpoints or uploaded dataset retention removed cannot be resumed (``ConflictError``)."""
+    job = store.get(job_id)
+    if (job.state == "failed" and job.retention_removed is None and job.spec.get("uploaded_dataset")
+            and not Path(job.spec["data_yaml"]).is_file()):
+        # removed before the store recorded what retention removes (or by hand): training would fail without it
+        raise ConflictError(f"job {job_id} cannot be resumed: its uploaded dataset is gone; submit the job again")
     job = store.requeue_for_resume(job_id, max_active_per_owner=settings.max_active_jobs_per_key,
                                    max_active_dataset_bytes=settings.max_active_dataset_bytes)
     if job.state != "queued" or not job.resume:

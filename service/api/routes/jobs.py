@@ -153,6 +153,9 @@ async def cancel_job(job_id: str, store: JobStore = Depends(get_store)) -> JobOu
              responses=error_responses(401, 404, 409, 429, 507))
 async def resume_job(job_id: str, store: JobStore = Depends(get_store),
                      settings: Settings = Depends(get_settings)) -> JobOut:
+    """409 when the job is neither interrupted nor failed, or when retention removed what its resume needs (a
+    failed job's checkpoints or uploaded dataset, once it is no longer among the newest failed jobs that keep
+    theirs): submit it again. A failed job counts against the key's job limit (429) and the disk quota (507)."""
     job = await anyio.to_thread.run_sync(lambda: submit.resume_job(job_id, settings=settings, store=store))
     return job_out(job)
 
