@@ -29,14 +29,22 @@ def test_letterbox_roundtrip_of_boxes():
         assert np.allclose(back, boxes, atol=1e-3)
 
 
-def test_resize_matches_torch_bilinear():
+@pytest.mark.parametrize("in_size, out_size", [((37, 53), (80, 64)), ((270, 480), (45, 80)), ((64, 64), (64, 30))])
+def test_resize_matches_torch_bilinear(in_size, out_size):
     rng = np.random.default_rng(1)
-    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    ours = resize_bilinear(image, 80, 64).astype(np.float32)
+    image = rng.integers(0, 256, (*in_size, 3), dtype=np.uint8)
+    ours = resize_bilinear(image, *out_size).astype(np.float32)
     ref = torch.nn.functional.interpolate(
-        torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=(80, 64), mode="bilinear", align_corners=False
+        torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=out_size, mode="bilinear", align_corners=False
     )[0].permute(1, 2, 0).numpy()
     assert np.abs(ours - ref).max() <= 1.0  # rounding to uint8 only
+
+
+def test_resize_of_a_gray_frame_is_the_resize_of_its_channel():
+    gray = np.random.default_rng(2).integers(0, 256, (40, 30), dtype=np.uint8)
+    ours = resize_bilinear(gray, 20, 45)
+    assert ours.shape == (20, 45)
+    np.testing.assert_array_equal(ours, resize_bilinear(np.repeat(gray[:, :, None], 3, 2), 20, 45)[:, :, 0])
 
 
 def test_nms_matches_torchvision():
