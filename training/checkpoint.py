@@ -3,8 +3,9 @@
 A checkpoint is a directory ``checkpoints/step-00000123/`` holding
 
 * ``model.safetensors`` — the full model state (base weights, adapters, BatchNorm statistics),
-* ``train_state.pt`` — optimizer (COAP projections included), scheduler, EMA weights, RNG states
-  (python, numpy, torch, CUDA); only tensors and plain values, so ``torch.load(weights_only=True)`` reads it,
+* ``train_state.pt`` — optimizer (COAP projections included), scheduler, EMA weights, the RNG states
+  (python, numpy, torch, CUDA) of every process, a list indexed by rank (:func:`rng_state_for_rank`); only tensors
+  and plain values, so ``torch.load(weights_only=True)`` reads it,
 * ``state.json`` — step, epoch, position inside the epoch, best metric, the batch layout (batch, accumulate,
   processes) it was trained with (human readable).
 
@@ -23,6 +24,7 @@ import os
 import random
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_state_for_rank(saved: dict[str, Any] | list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+    """The RNG state process ``rank`` of ``world`` resumes with, from a checkpoint's ``train_state["rng"]``.
+
+    A list with one state per process of the same count gives each process its own: the resume draws what the
+    uninterrupted run would have. With another process count every process takes rank 0's state
+    (:func:`training.recipe.check_resume_batch` has warned that such a resume is not bit for bit). A checkpoint
+    written before per-process states holds rank 0's state alone: every process takes it, and a resume on more
+    than one process is exact only for rank 0's draws (a warning says so).
+    """
+    if isinstance(saved, dict):
+        if world > 1 and rank == 0:
+            warnings.warn("the checkpoint holds the RNG state of rank 0 only (written before every process's state "
+                          "was saved): every process resumes with it, so the resume is exact only for rank 0's "
+                          "random draws (augmentation on the other processes differs from the uninterrupted run)",
+                          stacklevel=2)
+        return saved
+    return saved[rank] if len(saved) == world else saved[0]
 
 
 def _to_plain(value: Any) -> Any:

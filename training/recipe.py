@@ -38,8 +38,8 @@ from models.detection import DetectionModel, architecture_names
 from models.errors import CheckpointError, ConfigError, DataError, GlassesVisionError
 from models.io import atomic_write_json, atomic_write_text
 from models.registry import create_model
-from training.checkpoint import (find_checkpoint, load_checkpoint, read_checkpoint_info, rng_state, save_checkpoint,
-                                 set_rng_state)
+from training.checkpoint import (find_checkpoint, load_checkpoint, read_checkpoint_info, rng_state,
+                                 rng_state_for_rank, save_checkpoint, set_rng_state)
 from training.config import TrainConfig
 from training.data import build_dataset, collate
 from training.evaluate import evaluate
@@ -753,14 +753,15 @@ def build_ema(cfg: TrainConfig, model: nn.Module):
 
 # ---------------------------------------------------------------------------- checkpoints
 def save_training_state(run: Run) -> None:
-    """Rank 0 writes ``checkpoints/last`` (atomic); the others wait."""
+    """Rank 0 writes ``checkpoints/last`` (atomic) with every process's RNG state; the others wait."""
     state = run.state
+    rng_states = gather_rng_states(run.dist)
     if run.dist.is_main:
         train_state = {
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "ema": ({"state": run.ema.ema.state_dict(), "updates": run.ema.updates} if run.ema is not None else None),
-            "rng": rng_state(),
+            "rng": rng_states,
         }
         info_json = {"epoch": state.epoch, "epoch_step": state.epoch_step, "best_map50_95": state.best_map50_95,
                      "world_size": run.dist.world, "batch": run.cfg.batch, "accumulate": run.cfg.accumulate}
@@ -768,6 +769,17 @@ def save_training_state(run: Run) -> None:
     barrier(run.dist)
     state.last_checkpoint_step = state.step
     run.emit({"event": "checkpoint", "step": state.step})
+
+
+def gather_rng_states(info: DistInfo) -> list[dict[str, Any]] | None:
+    """Every process's RNG state, indexed by rank, on rank 0 (None on the others): each process draws its own
+    augmentation, so an exact resume needs each one's state."""
+    state = rng_state()
+    if info.world == 1:
+        return [state]
+    states: list[Any] | None = [None] * info.world if info.is_main else None
+    dist.gather_object(state, states, dst=0)
+    return states
 
 
 def restore(run: Run, path) -> None:
@@ -788,7 +800,7 @@ def restore(run: Run, path) -> None:
     if run.ema is not None and train_state.get("ema"):
         run.ema.ema.load_state_dict(train_state["ema"]["state"])
         run.ema.updates = int(train_state["ema"]["updates"])
-    set_rng_state(train_state["rng"])
+    set_rng_state(rng_state_for_rank(train_state["rng"], run.dist.rank, run.dist.world))
     run.state = RunState(step=int(info["step"]), epoch=int(info["epoch"]), epoch_step=int(info["epoch_step"]),
                          best_map50_95=info.get("best_map50_95"), last_checkpoint_step=int(info["step"]))
 
