@@ -22,8 +22,8 @@ from service.jobs.store import Job, JobStore
 
 log = logging.getLogger("glasses_vision.service")
 
-#: folders of ``<home>/jobs/<id>/`` that retention removes (``job.log`` stays).
-BULKY = ("run", "dataset", "export", "tmp")
+#: folders of ``<home>/jobs/<id>/`` that retention removes (``job.log`` stays); ``run`` links to an attempt's folder.
+BULKY = ("run", "attempts", "dataset", "export", "tmp")
 
 
 def job_bytes(folder: Path) -> int:
@@ -36,12 +36,15 @@ def job_bytes(folder: Path) -> int:
 
 
 def remove_bulky(settings: Settings, job_id: str) -> bool:
-    """Remove a job's run, dataset, export and temporary folders; True if anything was removed."""
+    """Remove a job's run, attempts, dataset, export and temporary folders; True if anything was removed."""
     root = settings.jobs_dir / job_id
     removed = False
     for name in BULKY:
         target = root / name
-        if target.exists():
+        if target.is_symlink():
+            target.unlink()
+            removed = True
+        elif target.exists():
             shutil.rmtree(target, ignore_errors=True)
             removed = True
     return removed
@@ -63,7 +66,8 @@ def needed_to_resume(settings: Settings, job: Job) -> str | None:
 def _remove_if_unchanged(settings: Settings, store: JobStore, job: Job) -> bool:
     """Remove ``job``'s bulky folders if it is still as listed (a resume of it waits for the removal); a failed
     job records what a resume would have needed of them."""
-    if not any((settings.jobs_dir / job.id / name).exists() for name in BULKY):
+    folders = [settings.jobs_dir / job.id / name for name in BULKY]
+    if not any(folder.exists() or folder.is_symlink() for folder in folders):
         return False  # removed before: no need to take the lock
     # read before the lock: while the job stays failed (checked under it) no worker touches its files
     removes = needed_to_resume(settings, job) if job.state == "failed" else None

@@ -9,6 +9,9 @@ A stop request (cancel, or the worker shutting down) is passed to the recipe's
 Every write to the job (progress, its end, the model it registers) is made only
 while the job is still running in this worker; a job taken from it (marked
 interrupted, resumed elsewhere) is stopped at the next step and left as it is.
+Each attempt trains in its own folder (``service.jobs.attempts``): what a worker
+that lost its job writes until it stops (its stop checkpoint, its outputs) lands in
+its own attempt's folder, never in the one the attempt that took over trains in.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from models.errors import GlassesVisionError
 from service.core.config import Settings
+from service.jobs.attempts import start_attempt
 from service.jobs.datasets import resolve_dataset_path
 from service.jobs.retention import prune_job_files
-from service.jobs.spec import build_train_config, job_dir, job_log_path, job_run_dir
+from service.jobs.spec import build_train_config, job_dir, job_log_path
 from service.jobs.store import Job, JobStore
 from service.registry import ModelRegistry
 
@@ -88,9 +92,10 @@ class JobProgress:
 
 
 @contextmanager
-def job_temp_dir(folder: Path) -> Iterator[Path]:
+def job_temp_dir(folder: Path, remove: Callable[[], bool] = lambda: True) -> Iterator[Path]:
     """Point every temporary file of the job (Python's ``tempfile``, torch.compile's caches) at ``folder``,
-    and remove it afterwards: nothing is left in the system's temporary folder."""
+    and remove it afterwards unless ``remove()`` says no (another worker uses it now): nothing is left in the
+    system's temporary folder."""
     folder.mkdir(parents=True, exist_ok=True)
     saved_env = {name: os.environ.get(name) for name in _TEMP_VARS}
     saved_tempdir = tempfile.tempdir
@@ -106,7 +111,8 @@ def job_temp_dir(folder: Path) -> Iterator[Path]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        shutil.rmtree(folder, ignore_errors=True)
+        if remove():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class StopCheck:
@@ -161,16 +167,6 @@ def job_logging(settings: Settings, job_id: str) -> Iterator[logging.Logger]:
         handler.close()
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    from training.checkpoint import find_checkpoint
-
-    try:
-        find_checkpoint(run_dir)
-    except GlassesVisionError:
-        return False
-    return True
-
-
 def _recheck_datasets(job: Job, settings: Settings) -> None:
     """The data root may have changed since submission: confine the job's datasets again before reading them."""
     root = settings.resolved_data_root
@@ -182,14 +178,22 @@ def _recheck_datasets(job: Job, settings: Settings) -> None:
 
 def run_job(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[], bool]) -> str:
     """Run ``job`` to its end; returns the final state written to the store."""
+    # a worker that lost its job leaves the temporary folder to the worker that runs the job now
+    in_use = job_temp_dir(job_dir(settings, job.id) / "tmp", remove=lambda: not _runs_elsewhere(store, job))
     try:
-        with job_logging(settings, job.id) as log, job_temp_dir(job_dir(settings, job.id) / "tmp"):
+        with job_logging(settings, job.id) as log, in_use:
             return _run(job, settings, store, worker_stop, log)
     finally:
         try:
             prune_job_files(settings, store)
         except OSError as exc:  # retention must never fail the job
             job_log.warning("could not remove ended jobs' files: %s", exc)
+
+
+def _runs_elsewhere(store: JobStore, job: Job) -> bool:
+    """Whether ``job`` was queued again or runs in another worker (than the one ``job`` names)."""
+    now = store.get(job.id)
+    return now.state == "queued" or (now.state == "running" and now.worker_pid != job.worker_pid)
 
 
 def _not_recorded(store: JobStore, job: Job, log: logging.Logger, what: str) -> str:
@@ -210,7 +214,6 @@ def _finish(store: JobStore, job: Job, state: str, log: logging.Logger, error: s
 
 def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[], bool], log: logging.Logger) -> str:
     request, model_id = job.spec["request"], job.spec["model_id"]
-    run_dir = job_run_dir(settings, job.id)
     stop = StopCheck(store, job, worker_stop)
     try:
         import torch
@@ -219,7 +222,7 @@ def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[]
         from training.recipe import train
 
         _recheck_datasets(job, settings)
-        resume = job.resume and _has_checkpoint(run_dir)
+        run_dir, resume = start_attempt(settings, job)
         if job.resume and not resume:
             log.info("no checkpoint was written before the interruption; starting over")
         config = build_train_config(request, job.spec, run_dir, resume=resume)
@@ -249,7 +252,7 @@ def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[]
         log.info("training done; exporting %s to ONNX (%s)", result.merged_dir, json.dumps(export, sort_keys=True))
         from service.jobs.exporting import export_for_registry
 
-        onnx_tmp = job_dir(settings, job.id) / "export" / "model.onnx"
+        onnx_tmp = job_dir(settings, job.id) / "export" / str(job.attempts) / "model.onnx"  # one per attempt too
         calibration = job.spec["data_yaml"] if export.get("int8") else None
         info = export_for_registry(
             run_dir, onnx_tmp, imgsz=request.get("imgsz"), opset=export.get("opset"), half=bool(export.get("half")),

@@ -27,6 +27,7 @@ def job_log_path(settings: Settings, job_id: str) -> Path:
 
 
 def job_run_dir(settings: Settings, job_id: str) -> Path:
+    """The job's run folder: a link to its latest attempt's folder (``service.jobs.attempts``)."""
     return job_dir(settings, job_id) / "run"
 
 

@@ -58,7 +58,8 @@ def job_out(job: Job) -> JobOut:
         id=job.id, name=request.get("name"), state=job.state, created_at=job.created_at, updated_at=job.updated_at,
         started_at=job.started_at, finished_at=job.finished_at, step=job.step, total_steps=job.total_steps,
         progress=job.progress, metrics=job.metrics, memory=job.memory, error=job.error, model_id=job.model_id,
-        cancel_requested=job.cancel_requested, attempts=job.attempts, spec=request,
+        cancel_requested=job.cancel_requested, attempts=job.attempts, retention_removed=job.retention_removed,
+        spec=request,
     )
 
 

@@ -128,6 +128,7 @@ class JobOut(BaseModel):
                     "model_id": None,
                     "cancel_requested": False,
                     "attempts": 1,
+                    "retention_removed": None,
                     "spec": JOB_EXAMPLE,
                 }
             ]
@@ -149,6 +150,12 @@ class JobOut(BaseModel):
     model_id: str | None = Field(None, description="the registered model, once the job succeeded")
     cancel_requested: bool = False
     attempts: int = 0
+    retention_removed: str | None = Field(
+        None,
+        description="what retention removed of a failed job that its resume needs (\"run's checkpoints\", "
+                    "\"uploaded dataset\"); such a job cannot be resumed (409): submit it again. Only the newest "
+                    "GLASSES_VISION_KEEP_FAILED_RUNS failed jobs keep theirs",
+    )
     spec: dict[str, Any]
 
 
