@@ -140,3 +140,31 @@ def test_resaving_a_step_without_hard_links_copies(tmp_path, monkeypatch):
     model_state, _, info = load_checkpoint(root)
     assert info["step"] == 9 and torch.equal(model_state["w"], torch.ones(2))
     assert sorted(p.name for p in root.iterdir()) == ["last", "step-00000009"]
+
+
+@pytest.mark.parametrize("cli", ["glasses-vision", "module"])
+def test_the_command_lines_refuse_to_replace_an_earlier_run_without_overwrite(run_copy, capsys, cli):
+    """A re-run into a folder that holds a trained run removed its checkpoints and model without a word."""
+    config = run_copy / "config.yaml"
+    before = sorted(p.name for p in run_copy.iterdir())
+    if cli == "glasses-vision":
+        from service.cli import main
+        argv = ["train", "--config", str(config), "--out", str(run_copy), "--quiet"]
+    else:
+        from training.train import main
+        argv = ["--config", str(config), "--set", f"out={run_copy}", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run" in err and f"--resume {run_copy}" in err and "--overwrite" in err
+    assert sorted(p.name for p in run_copy.iterdir()) == before  # nothing removed
+
+
+def test_overwrite_replaces_the_earlier_run(run_copy):
+    from training.recipe import check_out_folder
+
+    config = TrainConfig.from_file(run_copy / "config.yaml").replace(out=str(run_copy))
+    with pytest.raises(ConfigError, match="holds an earlier run"):
+        check_out_folder(config, overwrite=False)
+    check_out_folder(config, overwrite=True)
+    check_out_folder(config.replace(resume=str(run_copy)), overwrite=False)  # continuing it is fine
+    check_out_folder(config.replace(out=str(run_copy / "new")), overwrite=False)  # an empty folder is fine

@@ -124,7 +124,7 @@ class TrainConfig:
     #: write a metrics.jsonl line every N optimizer steps.
     log_every: int = 10
     #: run directory (created; see docs/TRAINING.md for its contents). A run that does not resume starts it over:
-    #: an earlier run's checkpoints and outputs there are removed.
+    #: an earlier run's checkpoints and outputs there are removed (the command lines ask for ``--overwrite`` first).
     out: str = "runs/train"
     #: continue from ``<run dir>/checkpoints/last`` (a run directory or a checkpoint directory); other settings may
     #: differ from the run's only where ``training.recipe.RESUME_MAY_CHANGE`` allows (else ``ConfigError``).

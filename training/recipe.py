@@ -860,6 +860,18 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "memory.txt", "tr
                "adapter", "merged", "best")
 
 
+def check_out_folder(cfg: TrainConfig, overwrite: bool) -> None:
+    """For the command lines: refuse a fresh run whose ``out`` holds an earlier run's outputs (which it would
+    remove, see :func:`prepare_run_dir`) unless ``overwrite``; the message says how to continue or replace it."""
+    run_dir = Path(cfg.out)
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if cfg.resume or overwrite or not found:
+        return
+    raise ConfigError(f"{run_dir} holds an earlier run ({', '.join(found)}), which a new run there would remove; "
+                      f"continue it with --resume {run_dir}, choose another folder with --out, or pass --overwrite "
+                      "to replace it")
+
+
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig, keep_until_step: int | None) -> None:
     """Write the run's ``config.yaml``. A run that continues in its own directory (``keep_until_step``: the step
     it resumes at) keeps the metrics up to that step; any other run starts the directory over: what an earlier

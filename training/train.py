@@ -11,7 +11,8 @@ rank 0 writes metrics and checkpoints. Any ``TrainConfig`` field can be given as
 ``--resume RUN_DIR`` alone continues with the run's own ``config.yaml``; ``--set`` on top of it may change
 how long it trains (``max_steps``, ``epochs``) and how it reports, saves and loads; a setting that would change
 what an optimizer step does is refused with its name (see ``training.recipe.RESUME_MAY_CHANGE``). A run that
-does not resume starts its ``out`` folder over: an earlier run's checkpoints and outputs there are removed.
+does not resume refuses an ``out`` folder that holds an earlier run, unless ``--overwrite`` (it then starts the
+folder over: the earlier run's checkpoints and outputs there are removed).
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ def parse_overrides(pairs: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.train", description="fine-tune a detector (torchrun-ready)",
-        epilog="A run without --resume starts its out folder over (an earlier run's checkpoints and outputs there "
-               "are removed). --resume RUN_DIR alone takes the run's config.yaml; --set may change max_steps, "
+        epilog="A run without --resume refuses an out folder that holds an earlier run unless --overwrite (which "
+               "removes that run's checkpoints and outputs). --resume RUN_DIR alone takes the run's config.yaml; --set may change max_steps, "
                "epochs and the reporting settings, and anything that changes an optimizer step is refused.")
     parser.add_argument("--config", help="TrainConfig YAML / JSON file")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last checkpoint (with its config.yaml unless --config)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in the out folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.errors import ConfigError, GlassesVisionError
     from training.checkpoint import find_checkpoint
     from training.config import TrainConfig
-    from training.recipe import run_dir_of, saved_run_config, train
+    from training.recipe import check_out_folder, run_dir_of, saved_run_config, train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             values["quiet"] = True
         if not values.get("data") and not values.get("resume"):
             raise ConfigError("give --config FILE (with data: ...) or --resume RUN_DIR")
-        result = train(TrainConfig.from_dict(values))
+        config = TrainConfig.from_dict(values)
+        check_out_folder(config, args.overwrite)
+        result = train(config)
         if result.status == "completed" and (not dist.is_initialized() or dist.get_rank() == 0):
             m = result.metrics
             print(f"done: {result.steps} steps, val mAP50 {m.get('map50', 0):.4f}, mAP50-95 {m.get('map50_95', 0):.4f}; "

@@ -51,8 +51,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
     add("--workers", type=int, help="DataLoader workers (default 0)")
     add("--seed", type=int, help="seed (default 0)")
     add("--device", choices=["auto", "cpu", "cuda"], help="device (default auto)")
-    add("--out", help="run directory (default runs/train); a run without --resume starts it over (an earlier run's "
-                      "checkpoints and outputs there are removed)")
+    add("--out", help="run directory (default runs/train); a folder holding an earlier run is refused unless "
+                      "--resume (continue it) or --overwrite (replace it)")
+    add("--overwrite", action="store_true", help="replace an earlier run in --out (refused without it)")
     add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint with its own settings; "
                                             "--max-steps / --epochs / reporting flags may change, others are refused")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="set any TrainConfig field (YAML value)")
@@ -84,11 +85,12 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from models.errors import ConfigError
-    from training.recipe import train
+    from training.recipe import check_out_folder, train
 
     config = config_from_args(args)
     if not config.data and not config.resume:
         raise ConfigError("give --data DATA_YAML (or --config FILE, or --resume RUN_DIR)")
+    check_out_folder(config, args.overwrite)
     result = train(config)
     m = result.metrics
     if result.status == "completed":
