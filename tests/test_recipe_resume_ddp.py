@@ -28,6 +28,8 @@ def _uninterrupted_stopped_and_resumed(rank: int, world: int, configs: dict, ini
         from training.recipe import train
 
         full = train(TrainConfig(**configs["full"]))
+        seeds: list = [None] * world
+        dist.all_gather_object(seeds, torch.initial_seed())
         calls = iter(range(100))
         first = train(TrainConfig(**configs["split"]), should_stop=lambda: next(calls) == 1)
         saved_rng = load_checkpoint(configs["split"]["out"])[1]["rng"] if rank == 0 else None
@@ -35,7 +37,7 @@ def _uninterrupted_stopped_and_resumed(rank: int, world: int, configs: dict, ini
         if rank == 0:
             results.put({"full": full.losses, "split": first.losses + second.losses,
                          "ends": [(first.status, first.steps), (second.status, second.steps)],
-                         "rng_states": len(saved_rng),
+                         "rng_states": len(saved_rng), "seeds": seeds,
                          "rng_states_differ": not torch.equal(saved_rng[0]["torch"], saved_rng[1]["torch"])})
     finally:
         dist.destroy_process_group()
@@ -61,6 +63,8 @@ def test_a_resumed_two_process_run_equals_the_uninterrupted_one(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     out = results.get()
     assert out["rng_states"] == 2 and out["rng_states_differ"]  # the case rank 0's state alone got wrong
+    # each process its own augmentation stream (one seed for all drew the same augmentation on every process)
+    assert out["seeds"] == [configs["full"]["seed"], configs["full"]["seed"] + 1]
     assert out["ends"] == [("stopped", 2), ("completed", 4)]
     assert out["split"] == out["full"]  # the loss of every step, bitwise (CPU, fixed seed)
     a, b = DetectionModel.load(tmp_path / "full" / "merged"), DetectionModel.load(tmp_path / "split" / "merged")

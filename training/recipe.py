@@ -128,7 +128,9 @@ def train(config: TrainConfig, on_event: EventFn | None = None, should_stop: Sto
         raise ConfigError("optimizer-in-backward steps before DistributedDataParallel has averaged the gradients; "
                           "turn in_backward off or run one process")
     run_dir = Path(cfg.out)
-    seed_everything(cfg.seed)
+    # a stream per process, or every process draws the same augmentation for its different images; rank 0's is
+    # a one-process run's (weights start equal anyway: DistributedDataParallel copies rank 0's)
+    seed_everything(cfg.seed + dist_info.rank)
 
     # 1. data: fail on a missing / empty dataset before building anything heavy
     train_ds, val_ds = build_datasets(cfg)
