@@ -14,7 +14,7 @@ from service.jobs.retention import prune_job_files
 from service.jobs.store import JobStore
 from service.jobs.submit import resume_job
 from service.registry import ModelRegistry
-from tests.helpers.service import AUTH, make_client, make_settings
+from tests.helpers.service import AUTH, claimed_upload_job, make_client, make_settings
 
 STALE, CURRENT = 111, 222
 
@@ -82,15 +82,10 @@ def fake_training(monkeypatch):
     return calls
 
 
-def _claimed(store: JobStore) -> tuple:
-    job = store.create({"request": {}, "data_yaml": "unused.yaml", "uploaded_dataset": True, "model_id": "m-review3"})
-    return job, store.claim_next(worker_pid=STALE)
-
-
 def test_a_job_taken_during_training_is_stopped_and_its_progress_left_alone(home, fake_training):
     settings = make_settings(home)
     store = JobStore(settings.db_path)
-    job, claimed = _claimed(store)
+    job, claimed = claimed_upload_job(store, STALE, "m-review3")
     fake_training.taken_at, fake_training.take = 2, lambda: _take(store, job.id)
     assert runner.run_job(claimed, settings, store, lambda: False) == "running"
     assert fake_training.stop_seen  # the recipe was told to stop at the next step
@@ -104,7 +99,7 @@ def test_a_job_taken_during_training_is_stopped_and_its_progress_left_alone(home
 def test_a_job_taken_during_its_export_registers_no_model(home, fake_training):
     settings = make_settings(home)
     store = JobStore(settings.db_path)
-    job, claimed = _claimed(store)
+    job, claimed = claimed_upload_job(store, STALE, "m-review3")
     fake_training.taken_at, fake_training.take = "export", lambda: _take(store, job.id)
     assert runner.run_job(claimed, settings, store, lambda: False) == "running"
     assert not ModelRegistry(settings.models_dir).exists("m-review3")  # no entry that no job owns
@@ -115,7 +110,7 @@ def test_a_job_taken_during_its_export_registers_no_model(home, fake_training):
 def test_a_job_still_its_own_registers_its_model_and_succeeds(home, fake_training):
     settings = make_settings(home)
     store = JobStore(settings.db_path)
-    job, claimed = _claimed(store)
+    job, claimed = claimed_upload_job(store, STALE, "m-review3")
     assert runner.run_job(claimed, settings, store, lambda: False) == "succeeded"
     now = store.get(job.id)
     assert (now.state, now.model_id, now.step) == ("succeeded", "m-review3", 30)

@@ -18,7 +18,7 @@ from service.jobs.attempts import start_attempt
 from service.jobs.retention import prune_job_files
 from service.jobs.spec import job_dir, job_run_dir
 from service.jobs.store import JobStore
-from tests.helpers.service import AUTH, make_client, make_settings
+from tests.helpers.service import AUTH, claimed_upload_job, make_client, make_settings
 from training.checkpoint import find_checkpoint, read_checkpoint_info, save_checkpoint
 
 STALE, CURRENT = 111, 222
@@ -90,16 +90,11 @@ def recipe(monkeypatch):
     return SimpleNamespace(plans=plans, seen=seen, run=run)
 
 
-def _job(store: JobStore):
-    job = store.create({"request": {}, "data_yaml": "unused.yaml", "uploaded_dataset": True, "model_id": "m-r4"})
-    return job, store.claim_next(worker_pid=STALE)
-
-
 # ---------------------------------------------------------------- 1. a stale worker writes only its own attempt's folder
 def test_a_worker_that_lost_its_job_leaves_the_new_attempts_checkpoints_as_their_owner_wrote_them(home, recipe):
     settings = make_settings(home)
     store = JobStore(settings.db_path)
-    job, stale = _job(store)
+    job, stale = claimed_upload_job(store, STALE, "m-r4")
     written = {}
 
     def taken_and_resumed():
@@ -132,7 +127,7 @@ def test_a_worker_that_lost_its_job_leaves_the_new_attempts_checkpoints_as_their
 def test_a_worker_that_lost_its_job_leaves_the_temporary_folder_to_the_worker_that_runs_it(home, recipe):
     settings = make_settings(home)
     store = JobStore(settings.db_path)
-    job, stale = _job(store)
+    job, stale = claimed_upload_job(store, STALE, "m-r4")
     tmp = job_dir(settings, job.id) / "tmp"
 
     def taken():  # CURRENT claimed the job and works in its temporary folder (torch.compile caches, ...)

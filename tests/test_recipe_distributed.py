@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import tempfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from models.detection import DetectionModel
-from tests.helpers.recipe import ddp_worker, tiny_config
+from tests.helpers.recipe import ddp_worker, run_on_gloo_processes, tiny_config
 from training.recipe import train
 
 
@@ -25,16 +23,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         torch.set_num_threads(threads)
     # two processes: 2 images each = global batch 4, DistributedDataParallel averages the gradients
     config = tiny_config(tmp_path / "ddp", batch=2, accumulate=1, **settings).to_dict()
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    init = tempfile.mktemp(prefix="gv-ddp-", dir=tmp_path)
-    procs = [ctx.Process(target=ddp_worker, args=(rank, 2, config, init, results)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-    assert [p.exitcode for p in procs] == [0, 0]
-    ddp_losses = results.get()
+    ddp_losses = run_on_gloo_processes(ddp_worker, config, tmp_path)
     assert len(ddp_losses) == 3
     torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single.losses), rtol=1e-4, atol=1e-5)
     a, b = DetectionModel.load(tmp_path / "single" / "merged"), DetectionModel.load(tmp_path / "ddp" / "merged")

@@ -5,15 +5,13 @@ augmentations than the uninterrupted run."""
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from models.detection import DetectionModel
-from tests.helpers.recipe import tiny_config
+from tests.helpers.recipe import run_on_gloo_processes, tiny_config
 from training.checkpoint import load_checkpoint, rng_state, rng_state_for_rank, save_checkpoint, set_rng_state
 from training.config import TrainConfig
 
@@ -51,17 +49,7 @@ def test_a_resumed_two_process_run_equals_the_uninterrupted_one(tmp_path):
     configs = {"full": tiny_config(tmp_path / "full", **settings).to_dict(),
                "split": tiny_config(tmp_path / "split", **settings).to_dict(),
                "resume": tiny_config("", data="", resume=str(tmp_path / "split"), **settings).to_dict()}
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    init = tempfile.mktemp(prefix="gv-ddp-", dir=tmp_path)
-    procs = [ctx.Process(target=_uninterrupted_stopped_and_resumed, args=(rank, 2, configs, init, results))
-             for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-    assert [p.exitcode for p in procs] == [0, 0]
-    out = results.get()
+    out = run_on_gloo_processes(_uninterrupted_stopped_and_resumed, configs, tmp_path)
     assert out["rng_states"] == 2 and out["rng_states_differ"]  # the case rank 0's state alone got wrong
     # each process its own augmentation stream (one seed for all drew the same augmentation on every process)
     assert out["seeds"] == [configs["full"]["seed"], configs["full"]["seed"] + 1]

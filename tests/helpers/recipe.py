@@ -41,3 +41,20 @@ def ddp_worker(rank: int, world: int, config: dict, init_file: str, results) -> 
             results.put(result.losses)
     finally:
         dist.destroy_process_group()
+
+
+def run_on_gloo_processes(target, payload, tmp_path: Path, world: int = 2):
+    """Run ``target(rank, world, payload, init_file, results)`` on ``world`` spawned processes (each joins a gloo
+    group through ``init_file``); every process must exit cleanly. Returns what rank 0 put on ``results``."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    init = tempfile.mktemp(prefix="gv-ddp-", dir=tmp_path)
+    procs = [ctx.Process(target=target, args=(rank, world, payload, init, results)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0] * world
+    return results.get()

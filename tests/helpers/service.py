@@ -150,3 +150,9 @@ def make_client(home: Path, loader=None, **overrides):
     register_dummy_model(home, DEFAULT_MODEL_ID, classes=["thing"], imgsz=64)
     app = create_app(make_settings(home, **overrides), detector_loader=loader or (lambda p: FakeDetector(p)))
     return TestClient(app, raise_server_exceptions=False)
+
+
+def claimed_upload_job(store, worker_pid: int, model_id: str) -> tuple:
+    """A new job on an uploaded dataset (no real files) and the same job as claimed by worker ``worker_pid``."""
+    job = store.create({"request": {}, "data_yaml": "unused.yaml", "uploaded_dataset": True, "model_id": model_id})
+    return job, store.claim_next(worker_pid=worker_pid)
