@@ -491,13 +491,22 @@ def report(rows: list[dict[str, Any]], results: dict[str, Any], scale: Scale, co
 ANALYSIS_HEADING = "## What the table says"
 
 
-def kept_analysis(doc: Path) -> str:
-    """The analysis section of an existing report, to append to a re-rendered one ('' if none)."""
+#: the first line of the generated part of a report; what an existing report has between its title and this line
+#: (sections written by hand, such as re-runs of some rows) is kept by a re-render too
+GENERATED_START = "\nCommand: `"
+
+
+def with_kept_sections(text: str, doc: Path) -> str:
+    """The re-rendered report ``text`` with the hand-written parts of the existing ``doc``: the sections between
+    its title and its generated part, and the analysis from :data:`ANALYSIS_HEADING` on."""
     if not doc.is_file():
-        return ""
-    text = doc.read_text()
-    start = text.find(ANALYSIS_HEADING)
-    return "" if start < 0 else "\n" + text[start:]
+        return text
+    old = doc.read_text()
+    title_end, generated = old.index("\n"), old.find(GENERATED_START)
+    preamble = old[title_end : generated + 1] if generated > title_end else "\n\n"
+    start = old.find(ANALYSIS_HEADING)
+    analysis = "" if start < 0 else "\n" + old[start:]
+    return text[: text.index("\n")] + preamble + text[text.find(GENERATED_START) + 1 :] + analysis
 
 
 def command_line(argv) -> str:
@@ -589,7 +598,7 @@ def main(argv=None) -> int:
     command = command_line(argv)
     doc.parent.mkdir(parents=True, exist_ok=True)
     text = report(rows, results, scale, command.strip(), machine, os.path.relpath(plot_path, doc.parent))
-    atomic_write_text(doc, text + kept_analysis(doc))
+    atomic_write_text(doc, with_kept_sections(text, doc))
     print("\n".join(goals(rows)))
     print(f"report: {doc}")
     return 0

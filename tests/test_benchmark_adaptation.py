@@ -57,10 +57,15 @@ def test_quick_run_writes_report_plot_and_cache_then_resumes(bench, tmp_path, mo
 
     monkeypatch.setattr(recipe, "train", no_training)
     assert bench.main(["--out", str(out), "--quick", "--rows", ROWS, "--threads", "1", "--quiet"]) == 0
-    # a re-render keeps the hand-written analysis appended to the report
+    # a re-render keeps the hand-written parts: the analysis after the report, and sections between its title and
+    # its generated part (re-runs of some rows); before, the sections on top were dropped
     doc = out / "adaptation.md"
-    doc.write_text(doc.read_text() + "\n## What the table says\n\n- a reading of the table\n")
+    first = doc.read_text()
+    title, rest = first.split("\n", 1)
+    rerun = "## Re-measured: main rows\n\n| a re-run's table |\n\n## The full run\n"
+    doc.write_text(f"{title}\n\n{rerun}{rest}\n## What the table says\n\n- a reading of the table\n")
     assert bench.main(["--out", str(out), "--quick", "--rows", ROWS, "--threads", "1", "--quiet"]) == 0
     rerendered = doc.read_text()
     assert rerendered.count("## What the table says") == 1 and rerendered.endswith("- a reading of the table\n")
+    assert rerendered.startswith(f"{title}\n\n{rerun}\nCommand: `") and rerendered.count(rerun) == 1
     assert "## Goals" in rerendered
