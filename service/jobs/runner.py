@@ -7,8 +7,11 @@ A stop request (cancel, or the worker shutting down) is passed to the recipe's
 ``cancelled`` or ``interrupted`` (resumable).
 
 Every write to the job (progress, its end, the model it registers) is made only
-while the job is still running in this worker; a job taken from it (marked
-interrupted, resumed elsewhere) is stopped at the next step and left as it is.
+while the job is still running in this worker under this claim (its pid and
+``Job.attempts``); a job taken from it (marked interrupted, resumed, claimed again -
+by another worker or by this one) is stopped at the next step and left as it is.
+The model's registration is prepared (moved, hashed, described) before the store's
+write lock is taken; under it the prepared folder is only renamed into place.
 Each attempt trains in its own folder (``service.jobs.attempts``): what a worker
 that lost its job writes until it stops (its stop checkpoint, its outputs) lands in
 its own attempt's folder, never in the one the attempt that took over trains in.
@@ -29,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from models.errors import GlassesVisionError
+from models.errors import ConfigError, GlassesVisionError
 from service.core.config import Settings
 from service.jobs.attempts import start_attempt
 from service.jobs.datasets import resolve_dataset_path
@@ -83,12 +86,46 @@ class JobProgress:
         memory = event.get("memory")
         memory = _jsonable(memory) if isinstance(memory, dict) else None
         if not self.store.update_progress(self.job.id, step=step, total_steps=total, metrics=metrics, memory=memory,
-                                          worker_pid=self.job.worker_pid):
+                                          worker_pid=self.job.worker_pid, attempt=self.job.attempts):
             return  # taken from this worker: StopCheck stops the run
         kind = event.get("event", "event")
         shown = " ".join(f"{k}={v:.5g}" for k, v in metrics.items())
         where = "" if step is None else f"[{step}/{total}] " if total else f"[{step}] "
         self.log.info("%s%s %s", where, kind, shown)
+
+
+@contextmanager
+def prepared_model(models_dir: Path, job: Job, model_id: str, onnx_file: Path, **meta: Any
+                   ) -> Iterator[Callable[[], None]]:
+    """Register ``onnx_file`` (moved) as ``model_id`` into a hidden registry of this attempt under ``models_dir``,
+    and yield a function that renames the finished model folder into ``models_dir`` (quick: nothing is read or
+    written but the folder's name). What was not published is removed when the ``with`` body ends.
+
+    The registry's listing skips hidden names, and the rename is atomic (one file system), so a model is either
+    published whole or not at all.
+    """
+    staging = Path(models_dir) / f".job-{job.id}.{job.attempts}"
+    target = Path(models_dir) / model_id
+    shutil.rmtree(staging, ignore_errors=True)  # left by a crash of this attempt's worker
+    published = False
+
+    def publish() -> None:
+        nonlocal published
+        if target.exists():
+            raise ConfigError(f"model {model_id!r} is already registered; pick another id or delete it first")
+        (staging / model_id).rename(target)
+        published = True
+
+    try:
+        ModelRegistry(staging).register(model_id, onnx_file, move=True, **meta)
+        try:
+            yield publish
+        except BaseException:
+            if published:  # the job's success was not recorded (the transaction rolled back): nor is its model
+                target.rename(staging / model_id)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager
@@ -134,7 +171,7 @@ class StopCheck:
             self._next_poll = now + _CANCEL_POLL_SECONDS
             self.cancelled = self.store.cancel_requested(self.job.id)
             pid = self.job.worker_pid
-            self.taken = pid is not None and not self.store.runs_in(self.job.id, pid)
+            self.taken = pid is not None and not self.store.runs_in(self.job.id, pid, self.job.attempts)
         return self.stopped or self.cancelled or self.taken
 
 
@@ -191,23 +228,24 @@ def run_job(job: Job, settings: Settings, store: JobStore, worker_stop: Callable
 
 
 def _runs_elsewhere(store: JobStore, job: Job) -> bool:
-    """Whether ``job`` was queued again or runs in another worker (than the one ``job`` names)."""
+    """Whether ``job`` was queued again or runs under another claim (than the one ``job`` names)."""
     now = store.get(job.id)
-    return now.state == "queued" or (now.state == "running" and now.worker_pid != job.worker_pid)
+    return now.state == "queued" or (
+        now.state == "running" and (now.worker_pid, now.attempts) != (job.worker_pid, job.attempts))
 
 
 def _not_recorded(store: JobStore, job: Job, log: logging.Logger, what: str) -> str:
     """Say that ``what`` of a job taken from this worker is not recorded; returns the state the job is in."""
     now = store.get(job.id).state
-    log.warning("the job is %s, no longer running in this worker (pid %s): %s is not recorded",
-                now, job.worker_pid, what)
+    log.warning("the job is %s, no longer running in this worker (pid %s) as attempt %d: %s is not recorded",
+                now, job.worker_pid, job.attempts, what)
     return now
 
 
 def _finish(store: JobStore, job: Job, state: str, log: logging.Logger, error: str | None = None,
             model_id: str | None = None) -> str:
     """Record the job's end unless it was taken from this worker meanwhile; returns the state it is in."""
-    if store.finish(job.id, state, error=error, model_id=model_id, worker_pid=job.worker_pid):
+    if store.finish(job.id, state, error=error, model_id=model_id, worker_pid=job.worker_pid, attempt=job.attempts):
         return state
     return _not_recorded(store, job, log, f"its end ({state})")
 
@@ -233,20 +271,21 @@ def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[]
             return _not_recorded(store, job, log, "the rest of its run (stopped at the next step)")
         memory = _jsonable(result.memory) if result.memory else None
         if memory is not None:
-            store.update_progress(job.id, memory=memory, worker_pid=job.worker_pid)
+            store.update_progress(job.id, memory=memory, worker_pid=job.worker_pid, attempt=job.attempts)
         # a cancel that came within the last poll interval, as the worker stopped, is still a cancel
         if stop.cancelled or (result.status == "stopped" and store.cancel_requested(job.id)):
             log.info("cancelled; the run's files are removed")
             return _finish(store, job, "cancelled", log, error="cancelled on request")
         if result.status == "stopped":
             log.info("stopped because the worker is shutting down; resume continues from the last checkpoint")
-            if job.id in store.mark_interrupted(worker_pid=job.worker_pid,
-                                                reason="the worker stopped while it was running"):
+            if job.id in store.mark_interrupted(job.worker_pid, "the worker stopped while it was running",
+                                                attempt=job.attempts):
                 return "interrupted"
             return _not_recorded(store, job, log, "its interruption")
         metrics = _jsonable(result.metrics)
         if not store.update_progress(job.id, step=result.steps, total_steps=result.total_steps,
-                                     metrics=_scalar_metrics(metrics), worker_pid=job.worker_pid):
+                                     metrics=_scalar_metrics(metrics), worker_pid=job.worker_pid,
+                                     attempt=job.attempts):
             return _not_recorded(store, job, log, "its result (no export, no model)")
         export = dict(request.get("export") or {})
         log.info("training done; exporting %s to ONNX (%s)", result.merged_dir, json.dumps(export, sort_keys=True))
@@ -259,17 +298,18 @@ def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[]
             verify=export.get("verify", True), int8_calibration=calibration,
         )
         log.info("exported %s; verification: %s", onnx_tmp, json.dumps(info.get("verification"), default=str))
-        registry = ModelRegistry(settings.models_dir)
-        # registered only if the job is still this worker's, and in the transaction that records it succeeded:
-        # a job taken from it meanwhile leaves no model behind, a failed registration no succeeded job
-        with store.finishing(job.id, "succeeded", model_id=model_id, worker_pid=job.worker_pid) as its_own:
-            if its_own:
-                registry.register(
-                    model_id, onnx_tmp, move=True, source=f"job {job.id}", job_id=job.id,
-                    base_model=request.get("base_model"), classes=info.get("classes"), imgsz=info.get("imgsz"),
-                    metrics=metrics, memory=memory, export=info.get("export", {}),
-                    verification=info.get("verification"), quantization=info.get("quantization"),
-                )
+        # prepared outside the store's write lock (the file moved, hashed, described: seconds for a large model),
+        # published only if the job is still this worker's, in the transaction that records it succeeded: a job
+        # taken from it meanwhile leaves no model behind (the prepared folder is removed), a failed publication
+        # no succeeded job
+        with prepared_model(settings.models_dir, job, model_id, onnx_tmp, source=f"job {job.id}", job_id=job.id,
+                            base_model=request.get("base_model"), classes=info.get("classes"),
+                            imgsz=info.get("imgsz"), metrics=metrics, memory=memory, export=info.get("export", {}),
+                            verification=info.get("verification"), quantization=info.get("quantization")) as publish:
+            with store.finishing(job.id, "succeeded", model_id=model_id, worker_pid=job.worker_pid,
+                                 attempt=job.attempts) as its_own:
+                if its_own:
+                    publish()
         if not its_own:
             return _not_recorded(store, job, log, f"its model ({model_id}, not registered) and its end (succeeded)")
         log.info("registered model %s; job succeeded", model_id)

@@ -10,10 +10,12 @@ States: ``queued`` → ``running`` → ``succeeded`` | ``failed`` | ``cancelled`
 and the recipe continues from its last checkpoint).
 
 A running job names its worker by pid and by that process's start time
-(``service.jobs.processes``): every write a worker makes to its job (progress,
-its end, the model it registers: ``worker_pid=``) is made only while the job is
-still running in that worker, and the API process marks a running job interrupted
-only once its worker is really gone.
+(``service.jobs.processes``), and its claim by ``attempts`` (each claim counts one
+more): every write a worker makes to its job (progress, its end, the model it
+registers: ``worker_pid=`` and ``attempt=``) is made only while the job is still
+running in that worker under that claim - a later claim of the job by the same
+process, or by a process given the same pid, is another owner - and the API process
+marks a running job interrupted only once its worker is really gone.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ CREATE TABLE IF NOT EXISTS workers (
 _ADDED_COLUMNS = (("worker_started", "REAL"), ("retention_removed", "TEXT"))
 #: the condition a worker's write to its job carries: the job still runs in that worker
 _STILL_ITS_OWN = " AND state = 'running' AND worker_pid = ?"
+#: ... and under the same claim (``attempts`` counts the claims)
+_SAME_CLAIM = " AND attempts = ?"
 
 
 @dataclass
@@ -256,7 +260,8 @@ class JobStore:
         return self.get(job_id)
 
     def claim_next(self, worker_pid: int) -> Job | None:
-        """Atomically move the oldest queued job to ``running`` for this worker (its pid and start time)."""
+        """Atomically move the oldest queued job to ``running`` for this worker (its pid and start time); the
+        claim's number is the returned job's ``attempts``, what the worker's writes pass as ``attempt=``."""
         now = time.time()
         started = process_started(worker_pid)
         with self._transaction() as conn:
@@ -281,17 +286,17 @@ class JobStore:
         memory: dict[str, Any] | None = None,
         *,
         worker_pid: int | None = None,
+        attempt: int | None = None,
     ) -> bool:
         """Record training progress; ``metrics`` are merged into the latest ones. Returns whether it was recorded.
 
-        With ``worker_pid`` (a worker reporting) only a job still running in that worker is written: one taken
-        from it meanwhile keeps the progress of whoever runs it now.
+        With ``worker_pid`` (a worker reporting; with ``attempt``, the ``attempts`` of its claim) only a job still
+        running in that worker (under that claim) is written: one taken from it meanwhile keeps the progress of
+        whoever runs it now.
         """
-        where: list[Any] = [job_id]
-        query = "SELECT step, total_steps, metrics FROM jobs WHERE id = ?"
-        if worker_pid is not None:
-            query += _STILL_ITS_OWN
-            where.append(worker_pid)
+        guard, guard_args = _its_own(worker_pid, attempt)
+        where: list[Any] = [job_id, *guard_args]
+        query = "SELECT step, total_steps, metrics FROM jobs WHERE id = ?" + guard
         with self._transaction() as conn:
             row = conn.execute(query, where).fetchone()
             if row is None:
@@ -311,28 +316,30 @@ class JobStore:
 
     def finish(
         self, job_id: str, state: str, error: str | None = None, model_id: str | None = None,
-        *, worker_pid: int | None = None,
+        *, worker_pid: int | None = None, attempt: int | None = None,
     ) -> bool:
         """Move a job to a final (or interrupted) state; returns whether it moved.
 
-        With ``worker_pid`` (a worker recording its result) only a job still running in that worker moves:
-        one that was taken from it meanwhile (marked interrupted, resumed, claimed by another worker) keeps
-        its newer state.
+        With ``worker_pid`` (a worker recording its result; with ``attempt``, the ``attempts`` of its claim) only
+        a job still running in that worker (under that claim) moves: one that was taken from it meanwhile (marked
+        interrupted, resumed, claimed again) keeps its newer state.
         """
-        with self.finishing(job_id, state, error=error, model_id=model_id, worker_pid=worker_pid) as moved:
+        with self.finishing(job_id, state, error=error, model_id=model_id, worker_pid=worker_pid,
+                            attempt=attempt) as moved:
             return moved
 
     @contextmanager
     def finishing(
         self, job_id: str, state: str, error: str | None = None, model_id: str | None = None,
-        *, worker_pid: int | None = None,
+        *, worker_pid: int | None = None, attempt: int | None = None,
     ) -> Iterator[bool]:
         """``finish`` as one transaction with the ``with`` body: yields whether the job moves (see ``finish``);
         it is recorded when the body ends, and not at all when the body raises.
 
-        A worker registers its model in the body, only when the job moves: no job is taken from it between the
-        check and the registration (the database's write lock is held), and a failed registration leaves the
-        job running for the worker to record it failed.
+        The body runs under the database's write lock (every other writer waits for it), so it should be quick: a
+        worker prepares its model's registration before (hashing, moving the file) and in the body only publishes
+        it, when the job moves. No job is taken from it between the check and the publication, and a failed
+        publication leaves the job running for the worker to record it failed.
         """
         if state not in FINAL_STATES and state != "interrupted":
             raise ValueError(f"finish() takes a final state, not {state!r}")
@@ -342,10 +349,9 @@ class JobStore:
             " updated_at = ?, worker_pid = NULL, worker_started = NULL,"
             " progress = CASE WHEN ? = 'succeeded' THEN 1.0 ELSE progress END WHERE id = ?"
         )
-        args: list[Any] = [state, error, model_id, now, now, state, job_id]
-        if worker_pid is not None:
-            query += _STILL_ITS_OWN
-            args.append(worker_pid)
+        guard, guard_args = _its_own(worker_pid, attempt)
+        query += guard
+        args: list[Any] = [state, error, model_id, now, now, state, job_id, *guard_args]
         with self._transaction() as conn:  # the body raising rolls the update back
             yield conn.execute(query, args).rowcount > 0
 
@@ -418,16 +424,17 @@ class JobStore:
             if still and removes:
                 conn.execute("UPDATE jobs SET retention_removed = ? WHERE id = ?", (removes, job.id))
 
-    def mark_interrupted(self, worker_pid: int | None = None, reason: str = "the service stopped") -> List[str]:
-        """Mark running jobs (all, or those of one worker) as interrupted; returns their ids.
+    def mark_interrupted(
+        self, worker_pid: int | None = None, reason: str = "the service stopped", *, attempt: int | None = None,
+    ) -> List[str]:
+        """Mark running jobs (all, those of one worker, or with ``attempt`` the one it claimed as that attempt) as
+        interrupted; returns their ids.
 
         A job whose cancel was requested (its worker went away before it saw the request) ends ``cancelled``.
-        The caller knows the worker is gone; ``mark_abandoned`` checks it.
+        The caller knows the worker is gone (or is that worker); ``mark_abandoned`` checks it.
         """
-        query, args = "SELECT id, cancel_requested FROM jobs WHERE state = 'running'", []
-        if worker_pid is not None:
-            query += " AND worker_pid = ?"
-            args.append(worker_pid)
+        guard, args = _its_own(worker_pid, attempt)
+        query = "SELECT id, cancel_requested FROM jobs WHERE state = 'running'" + guard
         with self._transaction() as conn:
             return _park(conn, conn.execute(query, args).fetchall(), reason)
 
@@ -454,11 +461,25 @@ class JobStore:
             row = conn.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
 
-    def runs_in(self, job_id: str, worker_pid: int) -> bool:
-        """Whether the job is still running in worker ``worker_pid`` (not taken from it meanwhile)."""
+    def runs_in(self, job_id: str, worker_pid: int, attempt: int | None = None) -> bool:
+        """Whether the job is still running in worker ``worker_pid`` (under its claim ``attempt``): not taken from it
+        meanwhile."""
+        guard, args = _its_own(worker_pid, attempt)
         with self._connect() as conn:
-            row = conn.execute("SELECT 1 FROM jobs WHERE id = ?" + _STILL_ITS_OWN, (job_id, worker_pid)).fetchone()
+            row = conn.execute("SELECT 1 FROM jobs WHERE id = ?" + guard, (job_id, *args)).fetchone()
         return row is not None
+
+
+def _its_own(worker_pid: int | None, attempt: int | None) -> tuple[str, list[int]]:
+    """The condition (and its arguments) of a write by worker ``worker_pid`` under its claim ``attempt``: the job still
+    runs in that worker, as that attempt; none without ``worker_pid``."""
+    if worker_pid is None:
+        if attempt is not None:
+            raise ValueError("attempt= names a worker's claim: pass worker_pid= with it")
+        return "", []
+    if attempt is None:
+        return _STILL_ITS_OWN, [worker_pid]
+    return _STILL_ITS_OWN + _SAME_CLAIM, [worker_pid, attempt]
 
 
 def _active_for(conn: sqlite3.Connection, owner: str) -> int:

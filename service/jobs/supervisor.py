@@ -97,9 +97,10 @@ class WorkerSupervisor:
                 if job.worker_pid != proc.pid:
                     continue
                 if job.cancel_requested:  # it died before it saw the request: the job ends as asked
-                    self.store.finish(job.id, "cancelled", error="cancelled on request", worker_pid=proc.pid)
+                    self.store.finish(job.id, "cancelled", error="cancelled on request", worker_pid=proc.pid,
+                                      attempt=job.attempts)
                     continue
-                self.store.finish(job.id, "failed", worker_pid=proc.pid, error=(
+                self.store.finish(job.id, "failed", worker_pid=proc.pid, attempt=job.attempts, error=(
                     f"the worker process exited with code {code} (a crash, or killed for memory) while running this "
                     "job; resume the job to continue from its last checkpoint"))
                 log.warning("job %s failed: worker %d exited with code %s", job.id, proc.pid, code)
