@@ -30,16 +30,29 @@ def _hidden_entries(settings) -> list[str]:
     return sorted(p.name for p in settings.models_dir.iterdir() if p.name.startswith("."))
 
 
+def _while_hashing(monkeypatch, meanwhile) -> None:
+    """Run ``meanwhile()`` each time the registry hashes a model file (the slow step of a registration)."""
+    import service.registry
+
+    real_hash = service.registry.file_sha256
+
+    def hash_and(path):
+        meanwhile()
+        return real_hash(path)
+
+    monkeypatch.setattr(service.registry, "file_sha256", hash_and)
+
+
 # ---------------------------------------------------------------- 1. no write lock while the model is hashed
 def test_the_store_takes_writes_while_the_model_file_is_hashed(home, fake_training, monkeypatch):  # noqa: F811
-    import service.registry
+    from service.registry import file_sha256
 
     settings = make_settings(home)
     store = JobStore(settings.db_path)
     job, claimed = claimed_upload_job(store, PID, "m-review5")
-    real_hash, writes = service.registry.file_sha256, []
+    writes = []
 
-    def hash_and_write_meanwhile(path):
+    def write_meanwhile():
         conn = sqlite3.connect(settings.db_path, timeout=0.2, isolation_level=None)
         try:
             conn.execute("BEGIN IMMEDIATE")  # fails ("database is locked") if the worker holds the write lock
@@ -50,30 +63,21 @@ def test_the_store_takes_writes_while_the_model_file_is_hashed(home, fake_traini
             writes.append(str(exc))
         finally:
             conn.close()
-        return real_hash(path)
 
-    monkeypatch.setattr(service.registry, "file_sha256", hash_and_write_meanwhile)
+    _while_hashing(monkeypatch, write_meanwhile)
     assert runner.run_job(claimed, settings, store, lambda: False) == "succeeded"
     assert writes == ["written"]
     record = ModelRegistry(settings.models_dir).get("m-review5")
-    assert record.job_id == job.id and record.sha256 == real_hash(record.path)
+    assert record.job_id == job.id and record.sha256 == file_sha256(record.path)
     assert _hidden_entries(settings) == []  # the prepared folder was renamed into place
 
 
 def test_a_job_taken_while_its_model_is_prepared_leaves_no_model_and_no_prepared_files(
         home, fake_training, monkeypatch):  # noqa: F811
-    import service.registry
-
     settings = make_settings(home)
     store = JobStore(settings.db_path)
     job, claimed = claimed_upload_job(store, PID, "m-review5")
-    real_hash = service.registry.file_sha256
-
-    def taken_while_hashing(path):
-        _claimed_again_by_the_same_pid(store, job.id)
-        return real_hash(path)
-
-    monkeypatch.setattr(service.registry, "file_sha256", taken_while_hashing)
+    _while_hashing(monkeypatch, lambda: _claimed_again_by_the_same_pid(store, job.id))
     assert runner.run_job(claimed, settings, store, lambda: False) == "running"
     assert not ModelRegistry(settings.models_dir).exists("m-review5")
     assert _hidden_entries(settings) == []
@@ -83,20 +87,16 @@ def test_a_job_taken_while_its_model_is_prepared_leaves_no_model_and_no_prepared
 
 def test_a_model_id_taken_while_the_model_was_prepared_fails_the_job_and_keeps_the_other_model(
         home, fake_training, monkeypatch):  # noqa: F811
-    import service.registry
-
     settings = make_settings(home)
     store = JobStore(settings.db_path)
     job, claimed = claimed_upload_job(store, PID, "m-review5")
-    real_hash = service.registry.file_sha256
     other = settings.models_dir / "m-review5"
 
-    def registered_meanwhile(path):
+    def registered_meanwhile():
         other.mkdir()
         (other / "model.json").write_text("{}")
-        return real_hash(path)
 
-    monkeypatch.setattr(service.registry, "file_sha256", registered_meanwhile)
+    _while_hashing(monkeypatch, registered_meanwhile)
     assert runner.run_job(claimed, settings, store, lambda: False) == "failed"
     now = store.get(job.id)
     assert now.model_id is None and "already registered" in now.error
