@@ -3,8 +3,10 @@
 Each model is a folder ``<home>/models/<id>/`` holding ``model.onnx`` and
 ``model.json`` (its metadata: classes, input size, where it came from, the
 metrics of the job that trained it, export verification). Registration builds
-the folder under a temporary name and renames it into place, so a listing never
-sees half a model.
+the folder under a hidden name and renames it into place, so a listing never
+sees half a model. The two steps can be taken apart: ``prepare`` does the slow
+work (the file moved or copied, hashed, described) into a hidden folder and
+``publish`` only renames it into place (``discard`` removes it instead).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
 from models.errors import CheckpointError, ConfigError, NotFoundError
 from models.io import atomic_write_json, file_sha256
@@ -49,6 +51,15 @@ class ModelRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class PreparedModel:
+    """A registration made by ``ModelRegistry.prepare``: the finished model folder, still under a hidden name."""
+
+    record: ModelRecord
+    folder: Path
+    published: bool = False
 
 
 def check_model_id(model_id: str) -> str:
@@ -117,8 +128,16 @@ class ModelRegistry:
     def onnx_path(self, model_id: str) -> Path:
         return Path(self.get(model_id).path)
 
-    def register(self, model_id: str, onnx_file: str | Path, move: bool = False, **meta: Any) -> ModelRecord:
-        """Add ``onnx_file`` as ``model_id`` (copied, or moved with ``move=True``)."""
+    def staging_folders(self) -> List[Path]:  # ``list`` is this class's method
+        """The hidden folders under the registry: prepared registrations not yet published nor discarded, and
+        deletions under way (or left by a process that was killed meanwhile)."""
+        return sorted(p for p in self.root.iterdir() if p.name.startswith(".") and p.is_dir())
+
+    def prepare(self, model_id: str, onnx_file: str | Path, move: bool = False, staging: str | None = None,
+                **meta: Any) -> PreparedModel:
+        """Do the work of a registration (``onnx_file`` copied, or moved with ``move=True``; hashed; described) into
+        a hidden folder of the registry, ``staging`` (a name starting with ``.``; one left there before is replaced)
+        or a new one. Nothing is listed until ``publish``; ``discard`` removes it."""
         folder = self._dir(model_id)
         if folder.exists():
             raise ConfigError(f"model {model_id!r} is already registered; pick another id or delete it first")
@@ -126,9 +145,16 @@ class ModelRegistry:
         if not onnx_file.is_file():
             raise CheckpointError(f"no ONNX file at {onnx_file}; the export did not produce one")
         onnx_meta = read_onnx_metadata(onnx_file)
-        staging = Path(tempfile.mkdtemp(prefix=f".{model_id}.", dir=self.root))
+        if staging is None:
+            hidden = Path(tempfile.mkdtemp(prefix=f".{model_id}.", dir=self.root))
+        else:
+            if not staging.startswith(".") or "/" in staging or staging in (".", ".."):
+                raise ValueError(f"a staging folder is a hidden name in the registry, not {staging!r}")
+            hidden = self.root / staging
+            shutil.rmtree(hidden, ignore_errors=True)
+            hidden.mkdir()
         try:
-            target = staging / MODEL_FILE
+            target = hidden / MODEL_FILE
             (shutil.move if move else shutil.copyfile)(str(onnx_file), str(target))
             record = ModelRecord(
                 id=model_id,
@@ -141,12 +167,38 @@ class ModelRegistry:
             )
             data = record.to_dict()
             data.pop("path")
-            atomic_write_json(staging / META_FILE, data)
-            staging.rename(folder)
+            atomic_write_json(hidden / META_FILE, data)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(hidden, ignore_errors=True)
             raise
-        return record
+        return PreparedModel(record, hidden)
+
+    def publish(self, prepared: PreparedModel) -> ModelRecord:
+        """Rename a prepared model into place (atomic: nothing is read or written but the folder's name)."""
+        folder = self._dir(prepared.record.id)
+        if folder.exists():
+            raise ConfigError(
+                f"model {prepared.record.id!r} is already registered; pick another id or delete it first")
+        prepared.folder.rename(folder)
+        prepared.published = True
+        return prepared.record
+
+    def discard(self, prepared: PreparedModel) -> None:
+        """Remove a prepared model; one already published is first taken back out of the listing (its
+        registration is undone, e.g. when what it was published with failed to be recorded)."""
+        if prepared.published:
+            self._dir(prepared.record.id).rename(prepared.folder)
+            prepared.published = False
+        shutil.rmtree(prepared.folder, ignore_errors=True)
+
+    def register(self, model_id: str, onnx_file: str | Path, move: bool = False, **meta: Any) -> ModelRecord:
+        """Add ``onnx_file`` as ``model_id`` (copied, or moved with ``move=True``): ``prepare`` and ``publish``."""
+        prepared = self.prepare(model_id, onnx_file, move=move, **meta)
+        try:
+            return self.publish(prepared)
+        except BaseException:
+            self.discard(prepared)
+            raise
 
     def delete(self, model_id: str) -> None:
         folder = self._dir(model_id)

@@ -9,21 +9,34 @@ everything: a job's files are removed under the job store's write lock, after ch
 that the job is still in the state it was chosen in, so a failed job resumed meanwhile
 keeps its checkpoints. When that removal takes what a resume needs (the run's
 checkpoints, the uploaded dataset), the job records it and can no longer be resumed.
+
+A worker prepares its model's registration in a hidden registry folder of its attempt
+(``models/.job-<id>.<attempt>``) and publishes or discards it; one killed in between
+leaves the folder behind, which is removed once that job no longer runs in that attempt.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
 from service.core.config import Settings
+from models.errors import NotFoundError
 from service.jobs.store import Job, JobStore
+from service.registry import ModelRegistry
 
 log = logging.getLogger("glasses_vision.service")
 
 #: folders of ``<home>/jobs/<id>/`` that retention removes (``job.log`` stays); ``run`` links to an attempt's folder.
 BULKY = ("run", "attempts", "dataset", "export", "tmp")
+_PREPARED_RE = re.compile(r"^\.job-(?P<job_id>.+)\.(?P<attempt>\d+)$")
+
+
+def prepared_model_folder(job_id: str, attempt: int) -> str:
+    """The hidden registry folder a job's attempt prepares its model's registration in."""
+    return f".job-{job_id}.{attempt}"
 
 
 def job_bytes(folder: Path) -> int:
@@ -75,8 +88,32 @@ def _remove_if_unchanged(settings: Settings, store: JobStore, job: Job) -> bool:
         return still and remove_bulky(settings, job.id)
 
 
+def sweep_prepared_models(settings: Settings, store: JobStore) -> list[str]:
+    """Remove the prepared registrations (``prepared_model_folder``) of jobs that no longer run in the attempt
+    that prepared them (a worker killed before it published or discarded one); returns the folders' names."""
+    swept = []
+    for folder in ModelRegistry(settings.models_dir).staging_folders():
+        match = _PREPARED_RE.match(folder.name)
+        if match is None:
+            continue
+        try:
+            job = store.get(match["job_id"])
+        except NotFoundError:
+            job = None
+        if job is not None and job.state == "running" and job.attempts == int(match["attempt"]):
+            continue  # its worker may still publish it
+        shutil.rmtree(folder, ignore_errors=True)
+        swept.append(folder.name)
+    if swept:
+        log.info("removed %d model registration(s) prepared by workers that stopped: %s", len(swept),
+                 ", ".join(swept))
+    return swept
+
+
 def prune_job_files(settings: Settings, store: JobStore) -> list[str]:
-    """Apply the retention rule to every ended job; returns the ids whose files were removed."""
+    """Apply the retention rule to every ended job (and sweep the prepared registrations that no worker will
+    publish: ``sweep_prepared_models``); returns the ids whose files were removed."""
+    sweep_prepared_models(settings, store)
     # the last to fail first: a job submitted long ago that fails now (after a resume) keeps its checkpoints
     failed = sorted(store.list(state="failed", limit=100_000), key=lambda job: job.finished_at or 0.0, reverse=True)
     ended = [*store.list(state="succeeded", limit=100_000), *store.list(state="cancelled", limit=100_000),

@@ -32,11 +32,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from models.errors import ConfigError, GlassesVisionError
+from models.errors import GlassesVisionError
 from service.core.config import Settings
 from service.jobs.attempts import start_attempt
 from service.jobs.datasets import resolve_dataset_path
-from service.jobs.retention import prune_job_files
+from service.jobs.retention import prepared_model_folder, prune_job_files
 from service.jobs.spec import build_train_config, job_dir, job_log_path
 from service.jobs.store import Job, JobStore
 from service.registry import ModelRegistry
@@ -95,37 +95,24 @@ class JobProgress:
 
 
 @contextmanager
-def prepared_model(models_dir: Path, job: Job, model_id: str, onnx_file: Path, **meta: Any
+def prepared_model(registry: ModelRegistry, job: Job, model_id: str, onnx_file: Path, **meta: Any
                    ) -> Iterator[Callable[[], None]]:
-    """Register ``onnx_file`` (moved) as ``model_id`` into a hidden registry of this attempt under ``models_dir``,
-    and yield a function that renames the finished model folder into ``models_dir`` (quick: nothing is read or
-    written but the folder's name). What was not published is removed when the ``with`` body ends.
-
-    The registry's listing skips hidden names, and the rename is atomic (one file system), so a model is either
-    published whole or not at all.
-    """
-    staging = Path(models_dir) / f".job-{job.id}.{job.attempts}"
-    target = Path(models_dir) / model_id
-    shutil.rmtree(staging, ignore_errors=True)  # left by a crash of this attempt's worker
-    published = False
+    """Prepare the registration of ``onnx_file`` (moved) as ``model_id`` in a hidden folder of this attempt, and
+    yield the function that publishes it (renames it into place: quick). What was not published when the ``with``
+    body ends is discarded; so is a publication the body then fails after (the job's success was not recorded)."""
+    prepared = registry.prepare(model_id, onnx_file, move=True, staging=prepared_model_folder(job.id, job.attempts),
+                                **meta)
 
     def publish() -> None:
-        nonlocal published
-        if target.exists():
-            raise ConfigError(f"model {model_id!r} is already registered; pick another id or delete it first")
-        (staging / model_id).rename(target)
-        published = True
+        registry.publish(prepared)
 
     try:
-        ModelRegistry(staging).register(model_id, onnx_file, move=True, **meta)
-        try:
-            yield publish
-        except BaseException:
-            if published:  # the job's success was not recorded (the transaction rolled back): nor is its model
-                target.rename(staging / model_id)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        yield publish
+    except BaseException:
+        registry.discard(prepared)
+        raise
+    if not prepared.published:
+        registry.discard(prepared)
 
 
 @contextmanager
@@ -302,8 +289,8 @@ def _run(job: Job, settings: Settings, store: JobStore, worker_stop: Callable[[]
         # published only if the job is still this worker's, in the transaction that records it succeeded: a job
         # taken from it meanwhile leaves no model behind (the prepared folder is removed), a failed publication
         # no succeeded job
-        with prepared_model(settings.models_dir, job, model_id, onnx_tmp, source=f"job {job.id}", job_id=job.id,
-                            base_model=request.get("base_model"), classes=info.get("classes"),
+        with prepared_model(ModelRegistry(settings.models_dir), job, model_id, onnx_tmp, source=f"job {job.id}",
+                            job_id=job.id, base_model=request.get("base_model"), classes=info.get("classes"),
                             imgsz=info.get("imgsz"), metrics=metrics, memory=memory, export=info.get("export", {}),
                             verification=info.get("verification"), quantization=info.get("quantization")) as publish:
             with store.finishing(job.id, "succeeded", model_id=model_id, worker_pid=job.worker_pid,
