@@ -65,7 +65,21 @@ def test_two_uploads_at_once_cannot_both_fill_the_disk_quota(home):
     assert store.active_dataset_bytes() <= settings.max_active_dataset_bytes
     refused = [r for r in results if isinstance(r, InsufficientStorageError)]
     assert len(refused) == 1
+    assert "GLASSES_VISION_MAX_ACTIVE_DATASET_BYTES" in str(refused[0])  # says what to raise
     assert len(list(settings.jobs_dir.iterdir())) == 1  # the refused one left nothing behind
+
+
+def test_an_upload_refused_for_a_full_quota_says_which_jobs_hold_it_and_what_to_raise(home):
+    settings = make_settings(home, max_active_dataset_bytes=1000)
+    store = JobStore(settings.db_path)
+    parked = store.create({"request": {}, "owner": "key-b", "dataset_bytes": 1000})
+    store.claim_next(worker_pid=1)
+    store.mark_interrupted(worker_pid=1)
+    assert store.get(parked.id).state == "interrupted"  # still holds its upload
+    with pytest.raises(InsufficientStorageError) as refused:
+        submit_job(JobCreate(steps=2), io.BytesIO(yolo_zip()), owner="key-a", settings=settings, store=store,
+                   registry=ModelRegistry(settings.models_dir), checker=_BothCheckedFirst())
+    assert "interrupted" in str(refused.value) and "GLASSES_VISION_MAX_ACTIVE_DATASET_BYTES" in str(refused.value)
 
 
 def test_retention_keeps_the_run_of_the_job_that_failed_last(home):

@@ -504,8 +504,9 @@ def _check_dataset_room(conn: sqlite3.Connection, nbytes: int, quota: int) -> No
     used = _active_dataset_bytes(conn)
     if used + nbytes > quota:
         raise InsufficientStorageError(
-            f"this dataset ({nbytes} bytes) and those of queued and running jobs ({used} bytes) pass the disk "
-            f"quota ({quota} bytes); wait for jobs to end"
+            f"this dataset ({nbytes} bytes) and those of queued, running or interrupted jobs ({used} bytes) pass the "
+            f"disk quota ({quota} bytes); wait for jobs to end, cancel an interrupted one, or raise "
+            "GLASSES_VISION_MAX_ACTIVE_DATASET_BYTES"
         )
 
 

@@ -68,8 +68,9 @@ def submit_job(
             room = settings.max_active_dataset_bytes - store.active_dataset_bytes()
             if room <= 0:
                 raise InsufficientStorageError(
-                    "uploaded datasets of queued and running jobs fill the disk quota "
-                    f"({settings.max_active_dataset_bytes} bytes); wait for jobs to end"
+                    "uploaded datasets of queued, running or interrupted jobs fill the disk quota "
+                    f"({settings.max_active_dataset_bytes} bytes); wait for jobs to end, cancel an interrupted one, "
+                    "or raise GLASSES_VISION_MAX_ACTIVE_DATASET_BYTES"
                 )
             zip_path = folder / "upload.zip"
             _copy_upload(upload, zip_path, settings.max_dataset_zip_bytes)
