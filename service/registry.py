@@ -146,7 +146,8 @@ class ModelRegistry:
             raise CheckpointError(f"no ONNX file at {onnx_file}; the export did not produce one")
         onnx_meta = read_onnx_metadata(onnx_file)
         if staging is None:
-            hidden = Path(tempfile.mkdtemp(prefix=f".{model_id}.", dir=self.root))
+            # never ".job-...": a model id may start with "job-", and the retention sweep owns those names
+            hidden = Path(tempfile.mkdtemp(prefix=f".new-{model_id}.", dir=self.root))
         else:
             if not staging.startswith(".") or "/" in staging or staging in (".", ".."):
                 raise ValueError(f"a staging folder is a hidden name in the registry, not {staging!r}")

@@ -75,6 +75,16 @@ def test_prepare_replaces_what_a_crash_left_in_its_staging_folder_and_takes_only
     assert onnx_file.exists() and _hidden(registry) == []
 
 
+def test_a_plain_registration_never_looks_like_a_jobs_prepared_folder(home, onnx_file):
+    settings = make_settings(home)
+    store = JobStore(settings.db_path)
+    ended = store.create({"request": {}})
+    store.finish(ended.id, "failed", error="boom")
+    prepared = ModelRegistry(settings.models_dir).prepare(f"job-{ended.id}", onnx_file)  # a registration under way
+    assert not prepared.folder.name.startswith(".job-")  # the sweep's names
+    assert sweep_prepared_models(settings, store) == [] and prepared.folder.is_dir()
+
+
 def test_register_is_prepare_and_publish(tmp_path, onnx_file):
     registry = ModelRegistry(tmp_path / "models")
     record = registry.register("m", onnx_file, move=True)
