@@ -29,3 +29,19 @@ def test_non_finite_gradients_stop_the_run_when_clipping_is_off(tmp_path, monkey
     assert info.value.step == 2
     _, _, state = load_checkpoint(tmp_path / "run")
     assert state["step"] == 1
+
+
+@pytest.mark.parametrize("grad_clip", [None, 0.5])
+def test_the_gradient_norm_is_measured_and_only_a_set_clip_scales_the_gradients(tmp_path, grad_clip):
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    model.weight.grad = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    model.bias.grad = torch.tensor([float("inf"), 0.0]) if grad_clip is None else torch.zeros(2)
+    norm = recipe.clip_gradients(model, tiny_config(tmp_path, grad_clip=grad_clip))
+    if grad_clip is None:  # reported, and the gradients left as they are (not scaled by inf / inf = NaN)
+        assert norm == float("inf")
+        assert torch.equal(model.weight.grad, torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
+    else:
+        assert norm == pytest.approx(5.0)
+        assert float(model.weight.grad.norm()) == pytest.approx(0.5, rel=1e-4)

@@ -306,6 +306,13 @@ def saved_run_config(resume: str | Path) -> TrainConfig:
     return TrainConfig.from_file(saved)
 
 
+def resumed_run_values(resume: str | Path) -> dict[str, Any]:
+    """The settings a command line's ``--resume RUN_DIR`` without ``--config`` starts from: the run's own
+    ``config.yaml``, ``out`` its directory, so that a flag that differs from them applies or is refused by name
+    (:func:`resolve_resume_config`), never ignored."""
+    return {**saved_run_config(resume).to_dict(), "out": str(run_dir_of(find_checkpoint(resume)))}
+
+
 def resolve_resume_config(config: TrainConfig, world: int = 1) -> TrainConfig:
     """The config a run with ``resume`` set trains with (``config`` itself when it does not resume).
 
@@ -659,7 +666,9 @@ def clip_gradients(model: nn.Module, cfg: TrainConfig) -> float | None:
     params = [p for p in model.parameters() if p.grad is not None]
     if cfg.in_backward or not params:
         return None
-    return float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+    if not cfg.grad_clip:  # the norm alone: clip_grad_norm_ would also scale every gradient by 1.0
+        return float(torch.nn.utils.get_total_norm([g for p in params if (g := p.grad) is not None]))
+    return float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
 
 
 def _raise_non_finite(run: Run, parts: dict, epoch: int) -> None:

@@ -57,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from models.errors import ConfigError, GlassesVisionError
-    from training.checkpoint import find_checkpoint
     from training.config import TrainConfig
-    from training.recipe import check_out_folder, run_dir_of, saved_run_config, train
+    from training.recipe import check_out_folder, resumed_run_values, train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             values = TrainConfig.from_file(args.config).to_dict()
         elif args.resume:  # the run's own settings: a --set that differs then applies or is refused, never ignored
-            values = {**saved_run_config(args.resume).to_dict(), "out": str(run_dir_of(find_checkpoint(args.resume)))}
+            values = resumed_run_values(args.resume)
         else:
             values = {}
         values.update(parse_overrides(args.set))

@@ -65,15 +65,14 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig the flags (and ``--config``) describe. ``--resume RUN_DIR`` without ``--config`` starts from the
     run's own ``config.yaml``, so that a flag that differs from it applies or is refused by name (never ignored)."""
-    from training.checkpoint import find_checkpoint
     from training.config import TrainConfig
-    from training.recipe import run_dir_of, saved_run_config
+    from training.recipe import resumed_run_values
     from training.train import parse_overrides
 
     if args.config:
         values = TrainConfig.from_file(args.config).to_dict()
     elif args.resume:
-        values = {**saved_run_config(args.resume).to_dict(), "out": str(run_dir_of(find_checkpoint(args.resume)))}
+        values = resumed_run_values(args.resume)
     else:
         values = {}
     values.update({k: getattr(args, k) for k in TrainConfig.field_names() if getattr(args, k, None) is not None})
