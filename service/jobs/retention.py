@@ -22,8 +22,8 @@ import re
 import shutil
 from pathlib import Path
 
-from service.core.config import Settings
 from models.errors import NotFoundError
+from service.core.config import Settings
 from service.jobs.store import Job, JobStore
 from service.registry import ModelRegistry
 

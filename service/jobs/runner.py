@@ -156,9 +156,11 @@ class StopCheck:
         now = time.monotonic()
         if not (self.cancelled or self.taken) and now >= self._next_poll:
             self._next_poll = now + _CANCEL_POLL_SECONDS
-            self.cancelled = self.store.cancel_requested(self.job.id)
-            pid = self.job.worker_pid
-            self.taken = pid is not None and not self.store.runs_in(self.job.id, pid, self.job.attempts)
+            current = self.store.get(self.job.id)  # one read for both questions
+            self.cancelled = current.cancel_requested
+            claim = (self.job.worker_pid, self.job.attempts)
+            self.taken = self.job.worker_pid is not None and (
+                current.state != "running" or (current.worker_pid, current.attempts) != claim)
         return self.stopped or self.cancelled or self.taken
 
 
