@@ -214,7 +214,9 @@ def run_ultralytics(data: Path, scale: Scale, base: str, out: Path, threads: int
                 optimizer="AdamW", lr0=FULL_LR, device="cpu", workers=0, project=str(out), name="train",
                 exist_ok=True, plots=False, verbose=False)
     call_wall = time.perf_counter() - started
+    # undo what its trainer set for the whole process, so the next setup runs as it would on its own
     torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)
     assert len(clock.ends) == scale.steps, len(clock.ends)
     assert seen["accumulate"] == 1, seen
     return {"intervals": clock.intervals(), "call_wall_s": call_wall, "workers": seen["workers"],
@@ -265,7 +267,6 @@ def op_profile(setups: list[Setup], data: Path, scale: Scale, base: str, out: Pa
     for s in setups:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             record = run_once(s, data, scale, base, out / s.name, threads)
-        torch.use_deterministic_algorithms(False)  # ultralytics' trainer turns it on for the whole process
         columns[s.name] = {e.key: e.self_cpu_time_total / 1000 / scale.steps for e in prof.key_averages()}
         lines.append(f"{s.name}: median {record['median_s']:.3f} s/step while profiled, load {record['load_average']}")
     names = sorted({k for c in columns.values() for k in c}, key=lambda k: -max(c.get(k, 0.0) for c in columns.values()))
