@@ -41,6 +41,8 @@ FINAL_STATES = ("succeeded", "failed", "cancelled")
 MAX_OFFSET = 2**63 - 1
 #: states that hold a place in the queue (and their uploaded dataset on disk).
 ACTIVE_STATES = ("queued", "running", "interrupted")
+#: the placeholders of ``state IN (...)`` for ``ACTIVE_STATES``
+_ACTIVE_MARKS = ",".join("?" * len(ACTIVE_STATES))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -239,9 +241,9 @@ class JobStore:
         now = time.time()
         with self._transaction() as conn:
             if spec.get("model_id"):
-                marks = ",".join("?" * len(ACTIVE_STATES))
                 row = conn.execute(
-                    f"SELECT id FROM jobs WHERE state IN ({marks}) AND json_extract(spec, '$.model_id') = ? LIMIT 1",
+                    f"SELECT id FROM jobs WHERE state IN ({_ACTIVE_MARKS}) AND json_extract(spec, '$.model_id') = ?"
+                    " LIMIT 1",
                     (*ACTIVE_STATES, spec["model_id"]),
                 ).fetchone()
                 if row is not None:
@@ -483,9 +485,8 @@ def _its_own(worker_pid: int | None, attempt: int | None) -> tuple[str, list[int
 
 
 def _active_for(conn: sqlite3.Connection, owner: str) -> int:
-    marks = ",".join("?" * len(ACTIVE_STATES))
     row = conn.execute(
-        f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}) AND json_extract(spec, '$.owner') = ?",
+        f"SELECT COUNT(*) FROM jobs WHERE state IN ({_ACTIVE_MARKS}) AND json_extract(spec, '$.owner') = ?",
         (*ACTIVE_STATES, owner),
     ).fetchone()
     return int(row[0])
@@ -532,9 +533,8 @@ def _park(conn: sqlite3.Connection, rows: list[sqlite3.Row], reason: str) -> Lis
 
 
 def _active_dataset_bytes(conn: sqlite3.Connection) -> int:
-    marks = ",".join("?" * len(ACTIVE_STATES))
     row = conn.execute(
-        f"SELECT COALESCE(SUM(json_extract(spec, '$.dataset_bytes')), 0) FROM jobs WHERE state IN ({marks})",
+        f"SELECT COALESCE(SUM(json_extract(spec, '$.dataset_bytes')), 0) FROM jobs WHERE state IN ({_ACTIVE_MARKS})",
         ACTIVE_STATES,
     ).fetchone()
     return int(row[0] or 0)
