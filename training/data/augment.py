@@ -4,8 +4,8 @@ The random draws are torchvision's own (``v2.RandomHorizontalFlip``'s coin, ``v2
 ``v2.RandomAffine.make_params``, in the order ``v2.Compose`` of those three would make them), so a seed gives
 torchvision's augmentation and the global torch RNG, which checkpoints save, is all that a resumed run needs.
 The pixel work is OpenCV on the uint8 frame and the box work is numpy: torchvision's ``Compose`` of the same
-transforms on a PIL frame cost ~1.0 ms per 128 px frame, two thirds of it in its per-transform dispatch (pytree
-flattening, type checks) and its tensor box kernels, this ~0.25 ms (docs/benchmarks/train_step.md).
+transforms on a PIL frame took 1.27-1.30 ms per 128 px frame, much of it in its per-transform dispatch (pytree
+flattening, type checks) and its tensor box kernels; this takes 0.48-0.49 ms (docs/benchmarks/train_step.md).
 tests/test_data_augment.py checks frames, boxes and labels against torchvision's pipeline.
 """
 
